@@ -1,0 +1,1 @@
+"""kdcache formats."""

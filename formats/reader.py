@@ -1,0 +1,135 @@
+"""Opening a cache: the manifest is checked first, then shards are read on demand.
+
+`open_cache` accepts a local path or any fsspec URL. Shards are read whole, streamed block by block
+(row groups / inner chunks: numpy views of the decoded buffers, no further copies), or by sequence
+index for random access.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from formats.errors import CacheError
+from formats.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry, check_inside, parse_manifest
+from formats.schema import SeqBlock
+
+
+@dataclass
+class Cache:
+    url: str
+    manifest: Manifest
+    fs: object  # fsspec filesystem
+    root: str  # path of the cache inside `fs`
+    local: bool
+
+    def path_of(self, entry: ShardEntry, file: str = "") -> str:
+        rel = f"{entry.path}/{file}" if file else entry.path
+        if self.local:
+            check_inside(self.root, rel, f"{self.url}: shard {entry.path!r}")
+            return os.path.join(self.root, rel)
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def shards(self, split: str | None = None) -> list[ShardEntry]:
+        return self.manifest.split_shards(split)
+
+    def check_structure(self, split: str | None = None) -> None:
+        """Fast start-up check: every file of every shard exists with the size the manifest records."""
+        for entry in self.shards(split):
+            for f in entry.files:
+                path = self.path_of(entry, f.path)
+                try:
+                    size = self.fs.size(path)
+                except (FileNotFoundError, OSError):
+                    raise CacheError(f"{self.url}: shard {entry.path!r} is missing file {f.path or entry.path!r}") from None
+                if size != f.bytes:
+                    raise CacheError(
+                        f"{self.url}: shard {entry.path!r} file {f.path or entry.path!r} has {size} bytes, "
+                        f"the manifest says {f.bytes}"
+                    )
+
+    def open_shard(self, entry: ShardEntry):
+        """A reader for one shard (ParquetShard or ZarrShard), its structure checked against the manifest."""
+        where = f"{self.url}: shard {entry.path!r}"
+        if self.manifest.backend == "parquet":
+            from formats.shard_parquet import ParquetShard
+
+            path = self.path_of(entry)
+            try:
+                source = path if self.local else self.fs.open(path, "rb")
+            except FileNotFoundError:
+                raise CacheError(f"{where} is missing") from None
+            if self.local and not os.path.isfile(path):
+                raise CacheError(f"{where} is missing")
+            shard = ParquetShard(source, self.manifest.fields, where)
+            if shard.num_sequences != entry.sequences:
+                raise CacheError(f"{where} holds {shard.num_sequences} sequences, the manifest says {entry.sequences}")
+            return shard
+        import zarr
+
+        from formats.shard_zarr import ZarrShard
+
+        path = self.path_of(entry)
+        if self.local:
+            if not os.path.isdir(path):
+                raise CacheError(f"{where} is missing")
+            for f in entry.files:
+                self.path_of(entry, f.path)  # refuses files that are symlinks out of the cache
+            store = zarr.storage.LocalStore(path, read_only=True)
+        else:
+            store = zarr.storage.FsspecStore.from_url(path, read_only=True)
+        return ZarrShard(store, self.manifest.fields, where, entry.tokens, entry.sequences)
+
+    def read_shard(self, entry: ShardEntry) -> SeqBlock:
+        block = self.open_shard(entry).read_all()
+        if block.num_tokens != entry.tokens:
+            raise CacheError(f"{self.url}: shard {entry.path!r} holds {block.num_tokens} tokens, the manifest says {entry.tokens}")
+        return block
+
+    def iter_blocks(self, split: str | None = None) -> Iterator[SeqBlock]:
+        """Every sequence of `split` (all splits when None), in manifest order, block by block."""
+        for entry in self.shards(split):
+            yield from self.open_shard(entry).iter_blocks()
+
+    def num_sequences(self, split: str | None = None) -> int:
+        return sum(s.sequences for s in self.shards(split))
+
+    def sequence(self, i: int, split: str | None = None) -> dict[str, np.ndarray]:
+        """Sequence `i` of `split` (counted across its shards in manifest order) as a dict of arrays."""
+        shards = self.shards(split)
+        starts = np.cumsum([0] + [s.sequences for s in shards]).tolist()
+        if not 0 <= i < starts[-1]:
+            raise IndexError(f"sequence {i} out of range: split {split!r} has {starts[-1]} sequences")
+        j = bisect.bisect_right(starts, i) - 1
+        local = i - starts[j]
+        return self.open_shard(shards[j]).read_range(local, local + 1).get(0)
+
+
+def open_cache(url: str | os.PathLike, require_complete: bool = False) -> Cache:
+    """Open a cache directory or fsspec URL; the manifest is validated before anything else is read."""
+    import fsspec
+
+    url = os.fspath(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    local = fs.protocol in ("file", "local") or (isinstance(fs.protocol, tuple) and "file" in fs.protocol)
+    if local:
+        root = os.path.abspath(root)
+    manifest_path = os.path.join(root, MANIFEST_NAME) if local else f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    try:
+        size = fs.size(manifest_path)
+        if size > MAX_MANIFEST_BYTES:
+            raise CacheError(f"{url}: manifest.json has {size} bytes, too large for a manifest")
+        with fs.open(manifest_path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CacheError(f"{url}: no {MANIFEST_NAME}; not a kdcache cache") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise CacheError(f"{url}: cannot read {MANIFEST_NAME} ({e})") from None
+    manifest = parse_manifest(data, f"{url}/{MANIFEST_NAME}")
+    if require_complete and not manifest.complete:
+        raise CacheError(f"{url}: the cache is incomplete (its build was interrupted or is still running)")
+    return Cache(url=url, manifest=manifest, fs=fs, root=root, local=local)

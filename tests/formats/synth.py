@@ -1,0 +1,72 @@
+"""Synthetic but valid cache content: teacher distributions drawn at random, fields derived exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from formats.manifest import Manifest
+from formats.schema import FieldSpec, from_float32, make_fields
+
+
+def random_sequence(rng: np.random.Generator, length: int, fields: dict[str, FieldSpec], vocab: int,
+                    draws: int, doc_index: int) -> dict[str, np.ndarray]:
+    """One sequence whose stored fields follow SPEC.md from a random full distribution per position."""
+    k = fields["topk_ids"].shape[0]
+    logits = rng.normal(size=(length, vocab)).astype(np.float32) * 3
+    logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
+    order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+    topk = np.take_along_axis(logp, order, axis=1)
+    mass = np.exp(topk.astype(np.float64)).sum(axis=1)
+    tail = np.where(mass >= 1, -np.inf, np.log1p(-np.minimum(mass, 1))).astype(np.float32)
+    ids = rng.integers(0, vocab, size=length).astype(np.int32)
+    target = np.full(length, np.nan, dtype=np.float32)
+    target[:-1] = logp[np.arange(length - 1), ids[1:]]
+    seq = {
+        "input_ids": ids,
+        "topk_ids": order.astype(np.int32),
+        "topk_logprobs": from_float32(topk, fields["topk_logprobs"].dtype),
+        "tail_logmass": tail,
+        "target_logprob": target,
+        "doc_index": np.int64(doc_index),
+    }
+    if "loss_mask" in fields:
+        seq["loss_mask"] = rng.integers(0, 2, size=length).astype(np.uint8)
+    if "position_ids" in fields:
+        cut = rng.integers(1, length + 1)
+        seq["position_ids"] = np.concatenate([np.arange(cut), np.arange(length - cut)]).astype(np.int32)
+    if "byte_offsets" in fields:
+        starts = np.cumsum(rng.integers(1, 5, size=length)) - 1
+        seq["byte_offsets"] = np.stack([starts, starts + 1], axis=1).astype(np.int32)
+    if "sample_ids" in fields:
+        slots = fields["sample_ids"].shape[0]
+        s_ids = np.full((length, slots), -1, dtype=np.int32)
+        s_counts = np.zeros((length, slots), dtype=fields["sample_counts"].np_dtype)
+        p = np.exp(logp.astype(np.float64))
+        for i in range(length):
+            drawn = rng.choice(vocab, size=draws, p=p[i] / p[i].sum())
+            u, c = np.unique(drawn, return_counts=True)
+            o = np.lexsort((u, -c))[:slots]
+            u, c = u[o], c[o]
+            c[0] += draws - c.sum()  # slots fewer than unique ids: fold the rest into the first (still sums to N)
+            s_ids[i, : len(u)], s_counts[i, : len(u)] = u, c
+        seq["sample_ids"], seq["sample_counts"] = s_ids, s_counts
+    for name, spec in fields.items():
+        if name.startswith("hidden/"):
+            seq[name] = from_float32(rng.normal(size=(length, spec.shape[0])).astype(np.float32), spec.dtype)
+    return seq
+
+
+def make_manifest(backend: str, fields: dict[str, FieldSpec], vocab: int, draws: int = 0) -> Manifest:
+    return Manifest(
+        backend=backend,
+        fields=fields,
+        teacher={"name": "synthetic", "backend": "test", "dtype": "F32"},
+        tokenizer={"fingerprint": "0" * 64, "vocab_size": vocab, "special_ids": {"bos": None, "eos": None, "pad": None}},
+        build={"top_k": fields["topk_ids"].shape[0], "temperature": 1.0, "sample_draws": draws},
+        corpus={"fingerprint": "0" * 64, "sources": []},
+        created_by="kdcache tests",
+    )
+
+
+def default_fields(k: int = 8, **kw) -> dict[str, FieldSpec]:
+    return make_fields(k, **kw)
