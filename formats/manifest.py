@@ -240,6 +240,11 @@ def manifest_from_json(obj: object, where: str = MANIFEST_NAME) -> Manifest:
     shards = [_shard_from_json(i, s) for i, s in enumerate(shards_obj)]
     if len({s.path for s in shards}) != len(shards):
         raise CacheError(f"{where}: a shard path appears twice")
+    parts = obj.get("parts", [])
+    if not isinstance(parts, list):
+        raise CacheError(f"{where}: parts must be a list of folders")
+    for part in parts:
+        check_relative_path(part, f"{where} parts")
     known = {"format", "format_version", "complete", "backend", "created_by", "teacher", "tokenizer",
              "build", "corpus", "fields", "splits", "totals", "shards"}
     man = Manifest(

@@ -133,12 +133,16 @@ def check_field_table(fields: dict[str, FieldSpec]) -> None:
             raise CacheError(f"manifest field {name!r}: {got.to_json()} does not match the spec")
     if fields["topk_ids"].shape != fields["topk_logprobs"].shape:
         raise CacheError("manifest fields: topk_ids and topk_logprobs have different k")
+    if fields["topk_ids"].shape[0] > MAX_K:
+        raise CacheError(f"manifest field 'topk_ids': k = {fields['topk_ids'].shape[0]} is above the limit {MAX_K}")
     if ("sample_ids" in fields) != ("sample_counts" in fields):
         raise CacheError("manifest fields: sample_ids and sample_counts come together")
     if "sample_ids" in fields:
         ids, counts = fields["sample_ids"], fields["sample_counts"]
         if ids.dtype != "I32" or counts.dtype not in COUNT_DTYPES or ids.shape != counts.shape or len(ids.shape) != 1:
             raise CacheError("manifest fields: sample_ids must be I32 [S] and sample_counts U8/U16 [S]")
+        if ids.shape[0] > MAX_K:
+            raise CacheError(f"manifest field 'sample_ids': S = {ids.shape[0]} is above the limit {MAX_K}")
     fixed = {"loss_mask": FieldSpec("token", "U8"), "position_ids": FieldSpec("token", "I32"),
              "byte_offsets": FieldSpec("token", "I32", (2,))}
     for name, spec in fields.items():

@@ -11,6 +11,7 @@ from formats.errors import CacheError
 from formats.manifest import MANIFEST_NAME, ShardEntry
 from formats.reader import Cache, open_cache
 from formats.schema import SeqBlock, content_sha256, to_float32
+from formats.writer import SHARD_DIR
 
 # |sum(top-k probs) + tail - 1| allowed for each stored log-prob dtype (SPEC.md, Fields).
 MASS_TOLERANCE = {"F32": 1e-4, "F16": 5e-3, "BF16": 3e-2}
@@ -81,7 +82,8 @@ def check_values(block: SeqBlock, cache: Cache, where: str) -> list[str]:
         bad("sample_counts", ~pad & (counts == 0), "a sampled id with count 0")
         bad("sample_counts", counts.sum(axis=1) != m.sample_draws, f"counts do not sum to {m.sample_draws} draws")
         if s_ids.shape[1] > 1:
-            srt = np.sort(np.where(pad, -1 - np.arange(s_ids.shape[1]), s_ids), axis=1)
+            # padding gets distinct sentinels below any int32, so it never collides with a stored id
+            srt = np.sort(np.where(pad, np.iinfo(np.int64).min + np.arange(s_ids.shape[1]), s_ids), axis=1)
             bad("sample_ids", srt[:, 1:] == srt[:, :-1], "repeated id in one row")
     if "loss_mask" in tok:
         bad("loss_mask", tok["loss_mask"] > 1, "values other than 0 and 1")
@@ -106,6 +108,7 @@ def _check_files(cache: Cache, entry: ShardEntry, where: str) -> list[str]:
     problems = []
     listing = []
     for f in entry.files:
+        listing.append(f"{f.path}\t{f.bytes}\t{f.sha256}\n")  # the manifest's own listing, missing files too
         path = cache.path_of(entry, f.path)
         name = f.path or entry.path
         h = hashlib.sha256()
@@ -122,7 +125,6 @@ def _check_files(cache: Cache, entry: ShardEntry, where: str) -> list[str]:
             problems.append(f"{where}: file {name!r} has {size} bytes, the manifest says {f.bytes}")
         elif h.hexdigest() != f.sha256:
             problems.append(f"{where}: file {name!r} sha256 mismatch (damaged or changed)")
-        listing.append(f"{f.path}\t{f.bytes}\t{f.sha256}\n")
     if len(entry.files) > 1 or entry.files[0].path:
         if hashlib.sha256("".join(sorted(listing)).encode()).hexdigest() != entry.sha256:
             problems.append(f"{where}: shard sha256 does not match its file list")
@@ -145,12 +147,18 @@ def _extra_files(cache: Cache) -> list[str]:
         return []
     shard_paths = {s.path for s in cache.manifest.shards}
     parents = {p.rsplit("/", i)[0] for p in shard_paths for i in range(1, p.count("/") + 1)}
+    parents.add(SHARD_DIR)  # the writer's shard folder belongs to the layout even while it is empty
+    # A merged cache keeps each part's own manifest, card and lock beside the part's shards.
+    parts = cache.manifest.extra.get("parts", [])
+    own = _OWN_FILES | {f"{p}/{name}" for p in parts for name in _OWN_FILES}
+    parents |= {p.rsplit("/", i)[0] for p in parts for i in range(0, p.count("/") + 1)}
+    parents |= {f"{p}/{SHARD_DIR}" for p in parts}
     problems = []
     for dirpath, dirnames, names in os.walk(cache.root):
         rel_dir = os.path.relpath(dirpath, cache.root).replace(os.sep, "/")
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for n in names:
-            if prefix + n not in _OWN_FILES and prefix + n not in shard_paths:
+            if prefix + n not in own and prefix + n not in shard_paths:
                 problems.append(f"{cache.url}: unknown extra file {prefix + n!r} (not named by the manifest)")
         keep = []
         for d in dirnames:

@@ -8,6 +8,7 @@ that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -100,13 +101,33 @@ class CacheWriter:
             raise CacheError(f"shard_tokens must be positive, got {shard_tokens}")
         self.root = Path(root)
         self.shard_tokens = shard_tokens
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.root / LOCK_NAME, "a+")
+        try:
+            # A foreign directory is refused before anything (even the lock file) is created in it.
+            if not overwrite and self.root.is_dir() and not (self.root / MANIFEST_NAME).exists() and any(
+                    c.name != LOCK_NAME for c in self.root.iterdir()):
+                raise CacheError(f"{self.root} is not empty and holds no kdcache manifest; use --overwrite to replace it")
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.root / LOCK_NAME, "a+")
+        except OSError as e:
+            raise CacheError(f"{self.root}: cannot write a cache here ({e.strerror or e})") from None
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
             raise CacheError(f"{self.root}: another process is writing this cache (it holds {LOCK_NAME})") from None
+        try:
+            self._start(manifest, overwrite)
+        except OSError as e:
+            self.close()
+            raise CacheError(f"{self.root}: cannot write a cache here ({e.strerror or e})") from None
+        except CacheError:
+            self.close()  # release the lock: the caller may fix the problem and retry in this process
+            raise
+        self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._pending_tokens: dict[str, int] = {}
+
+    def _start(self, manifest: Manifest, overwrite: bool) -> None:
+        """Under the lock: resume the cache already here (same settings only) or start a new one."""
         self.manifest = manifest
         self.manifest.shards = []
         existing = self.root / MANIFEST_NAME
@@ -114,21 +135,15 @@ class CacheWriter:
             old = parse_manifest(existing.read_bytes(), str(existing))
             diff = _first_difference(_settings(old), _settings(manifest))
             if diff:
-                self.close()
                 raise CacheError(
                     f"{self.root} already holds a cache built with other settings ({diff}); "
                     "use the same command to resume it, or --overwrite to replace it"
                 )
             self.manifest.shards = list(old.shards)
-        elif not overwrite and any(c.name != LOCK_NAME for c in self.root.iterdir()):
-            self.close()
-            raise CacheError(f"{self.root} is not empty and holds no kdcache manifest; use --overwrite to replace it")
         self._clean(wipe=overwrite)
         (self.root / SHARD_DIR).mkdir(exist_ok=True)
         self.manifest.complete = False
         write_manifest(self.root, self.manifest)
-        self._pending: dict[str, list[dict[str, np.ndarray]]] = {}
-        self._pending_tokens: dict[str, int] = {}
 
     def _clean(self, wipe: bool) -> None:
         """Remove what is not part of the cache: crash leftovers, shards the manifest does not name,
@@ -172,18 +187,19 @@ class CacheWriter:
         rel = f"{SHARD_DIR}/{split}-{index:05d}{EXT[self.manifest.backend]}"
         final = self.root / rel
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        _remove(tmp)
-        _remove(final)  # left by a crash between rename and manifest: not part of the cache
         try:
+            _remove(tmp)
+            _remove(final)  # left by a crash between rename and manifest: not part of the cache
             write_shard_files(tmp, block, fields, self.manifest.backend)
             _fsync_tree(tmp)
             os.rename(tmp, final)
             fsync_dir(final.parent)
+            files, sha = shard_files(final)
         except OSError as e:
-            _remove(tmp)
-            _remove(final)
+            for leftover in (tmp, final):
+                with contextlib.suppress(OSError):
+                    _remove(leftover)
             raise CacheError(f"{final}: could not write shard ({e.strerror or e})") from None
-        files, sha = shard_files(final)
         entry = ShardEntry(
             path=rel,
             split=split,
@@ -195,7 +211,11 @@ class CacheWriter:
             content_sha256=content_sha256(block, fields),
         )
         self.manifest.shards.append(entry)
-        write_manifest(self.root, self.manifest)
+        try:
+            write_manifest(self.root, self.manifest)
+        except OSError as e:
+            self.manifest.shards.pop()  # not named by the manifest on disk, so not part of the cache
+            raise CacheError(f"{self.root / MANIFEST_NAME}: could not publish shard {rel} ({e.strerror or e})") from None
         return entry
 
     def finish(self) -> Manifest:
@@ -206,8 +226,12 @@ class CacheWriter:
         for split in list(self._pending):
             self.flush(split)
         self.manifest.complete = True
-        atomic_write_bytes(self.root / "README.md", render_card(self.manifest).encode())
-        write_manifest(self.root, self.manifest)
+        try:
+            atomic_write_bytes(self.root / "README.md", render_card(self.manifest).encode())
+            write_manifest(self.root, self.manifest)
+        except OSError as e:
+            self.manifest.complete = False
+            raise CacheError(f"{self.root}: could not finish the cache ({e.strerror or e})") from None
         self.close()
         return self.manifest
 

@@ -1,11 +1,16 @@
-"""Synthetic but valid cache content: teacher distributions drawn at random, fields derived exactly."""
+"""Synthetic but valid cache content: teacher distributions drawn at random, fields derived exactly;
+plus the small helpers the format tests share (writing a cache, editing its manifest, comparing bytes)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
 from formats.manifest import Manifest
 from formats.schema import FieldSpec, from_float32, make_fields
+from formats.writer import CacheWriter
 
 
 def random_sequence(rng: np.random.Generator, length: int, fields: dict[str, FieldSpec], vocab: int,
@@ -17,7 +22,8 @@ def random_sequence(rng: np.random.Generator, length: int, fields: dict[str, Fie
     order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
     topk = np.take_along_axis(logp, order, axis=1)
     mass = np.exp(topk.astype(np.float64)).sum(axis=1)
-    tail = np.where(mass >= 1, -np.inf, np.log1p(-np.minimum(mass, 1))).astype(np.float32)
+    with np.errstate(divide="ignore"):  # mass == 1 (k = vocab): the tail is -inf by definition
+        tail = np.where(mass >= 1, -np.inf, np.log1p(-np.minimum(mass, 1))).astype(np.float32)
     ids = rng.integers(0, vocab, size=length).astype(np.int32)
     target = np.full(length, np.nan, dtype=np.float32)
     target[:-1] = logp[np.arange(length - 1), ids[1:]]
@@ -70,3 +76,48 @@ def make_manifest(backend: str, fields: dict[str, FieldSpec], vocab: int, draws:
 
 def default_fields(k: int = 8, **kw) -> dict[str, FieldSpec]:
     return make_fields(k, **kw)
+
+
+VOCAB = 64
+DRAWS = 16
+BACKENDS = ("parquet", "zarr")
+
+
+def rich_fields(k: int = 8, logprob_dtype: str = "F32") -> dict[str, FieldSpec]:
+    """Every optional field on: loss_mask, position_ids, byte_offsets, 4 sample slots, two hidden layers."""
+    return default_fields(
+        k, logprob_dtype=logprob_dtype, sample_slots=4, count_dtype="U8",
+        hidden={2: (8, "F16"), 5: (8, "BF16")}, loss_mask=True, position_ids=True, byte_offsets=True,
+    )
+
+
+def make_sequences(lengths: list[int], fields: dict[str, FieldSpec], vocab: int = VOCAB, draws: int = DRAWS,
+                   seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Valid sequences of these lengths; doc_index is the position in the list."""
+    rng = np.random.default_rng(seed)
+    return [random_sequence(rng, n, fields, vocab, draws if "sample_ids" in fields else 0, j)
+            for j, n in enumerate(lengths)]
+
+
+def write_cache(root: Path, backend: str, items: list[tuple[str, dict]], fields: dict[str, FieldSpec],
+                vocab: int = VOCAB, draws: int = DRAWS, shard_tokens: int = 20, overwrite: bool = False) -> Manifest:
+    """Write `(split, sequence)` items in order with CacheWriter.add and finish the cache."""
+    draws = draws if "sample_ids" in fields else 0
+    with CacheWriter(root, make_manifest(backend, fields, vocab, draws), shard_tokens, overwrite=overwrite) as w:
+        for split, seq in items:
+            w.add(split, seq)
+        return w.finish()
+
+
+def edit_manifest(root: Path, edit) -> None:
+    """Rewrite manifest.json by hand: `edit` changes the parsed JSON object in place."""
+    path = Path(root) / "manifest.json"
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality (NaN payloads included): same dtype, same shape, same raw bytes."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
