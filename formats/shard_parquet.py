@@ -144,6 +144,11 @@ class ParquetShard:
             raise CacheError(f"{self.where}: row group {i} is unreadable ({e})") from None
         return _block_from_table(table, self.fields, f"{self.where} row group {i}")
 
+    def block_ranges(self) -> list[tuple[int, int]]:
+        """(first, stop) sequence ranges of the read units (row groups), in order."""
+        stops = np.cumsum(self.rows_per_group).tolist()
+        return [(stop - rows, stop) for rows, stop in zip(self.rows_per_group, stops) if rows]
+
     def iter_blocks(self) -> Iterator[SeqBlock]:
         for i in range(len(self.rows_per_group)):
             yield self._read_group(i)

@@ -117,10 +117,16 @@ class ZarrShard:
     def read_all(self) -> SeqBlock:
         return self.read_range(0, self.num_sequences)
 
-    def iter_blocks(self, block_tokens: int = CHUNK_TOKENS * 4) -> Iterator[SeqBlock]:
-        start, n = 0, self.num_sequences
+    def block_ranges(self, block_tokens: int = CHUNK_TOKENS) -> list[tuple[int, int]]:
+        """(first, stop) sequence ranges of about `block_tokens` tokens (at least one sequence each)."""
+        ranges, start, n = [], 0, self.num_sequences
         while start < n:
             stop = int(np.searchsorted(self.offsets, self.offsets[start] + block_tokens, side="right")) - 1
             stop = min(max(stop, start + 1), n)
-            yield self.read_range(start, stop)
+            ranges.append((start, stop))
             start = stop
+        return ranges
+
+    def iter_blocks(self, block_tokens: int = CHUNK_TOKENS * 4) -> Iterator[SeqBlock]:
+        for start, stop in self.block_ranges(block_tokens):
+            yield self.read_range(start, stop)

@@ -1,0 +1,20 @@
+"""Updating one section of benchmarks/RESULTS.md while keeping the others."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = "# Benchmark results\n\nEvery figure here comes from the command shown beside it, run on the machine named.\n"
+
+
+def update_results(section: str, body: str) -> None:
+    """Replace the `## section` block of RESULTS.md with `body` (dated), or append it."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    stamp = datetime.date.today().isoformat()
+    block = f"## {section}\n\n_Measured {stamp}._\n\n{body.strip()}\n\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text.rstrip() + "\n")
