@@ -1,0 +1,315 @@
+"""Streaming training batches out of a cache: shuffled, split across ranks and workers, exactly resumable.
+
+The order of an epoch is a pure function of (seed, epoch, the cache's read blocks, batch size, world
+size): blocks (Parquet row groups / Zarr token blocks) are permuted, taken `shuffle_blocks` at a time as
+a shuffle window, and the window's sequences are permuted and cut into global batches of
+`batch_size * world` sequences, each split across ranks. Every sequence of the split is delivered once
+per epoch, to one rank. A window never shares a batch with the next, so its last global batch may be
+short (a rank may then get an empty batch, which collates to one fully masked row so DDP still steps).
+
+The resume state is the smallest set of primitives that recomputes everything: {seed, epoch, step
+within the epoch, batch size, world, shuffle window, cache id}; on resume it is checked against the
+current settings, naming the field that differs.
+
+The pipeline is torchdata.nodes: window tasks -> ParallelMapper (worker processes read and collate one
+window each, in order) -> Unbatcher -> PinMemory -> Prefetcher. Workers open the cache themselves
+(spawned, never forked: zarr's event loop thread does not survive a fork).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from formats.errors import KdError
+from formats.reader import Cache, open_cache
+from formats.schema import SeqBlock
+
+IGNORE = -100
+
+
+class LoaderError(KdError):
+    """A resume state or setting that does not fit this cache."""
+
+
+@dataclass
+class Batch:
+    """One rank's batch. B = sequences (>= 1), T = padded length, k = top-k, S = sample slots, d = hidden.
+
+    Position i of a row holds the teacher's distribution for token i+1 (SPEC.md); `labels[b, i]` is that
+    token, or -100 where it is not a target: past the end, not in the loss mask, or the first token of
+    the next packed document. `kd_mask` is `labels != -100`.
+    """
+
+    input_ids: torch.Tensor  # (B, T) int64, padded with 0
+    position_ids: torch.Tensor  # (B, T) int64; restarts at 0 at each packed document and for padding
+    labels: torch.Tensor  # (B, T) int64
+    kd_mask: torch.Tensor  # (B, T) bool
+    topk_ids: torch.Tensor  # (B, T, k) int64
+    topk_logprobs: torch.Tensor  # (B, T, k) float32
+    tail_logmass: torch.Tensor  # (B, T) float32
+    target_logprob: torch.Tensor  # (B, T) float32, 0 where not a target
+    sample_ids: torch.Tensor | None = None  # (B, T, S) int64, -1 padding
+    sample_counts: torch.Tensor | None = None  # (B, T, S) float32
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, d) float32
+    doc_index: torch.Tensor | None = None  # (B,) int64; -1 for the filler row of an empty batch
+    num_tokens: int = 0  # real (unpadded) tokens in the batch
+
+    def map(self, fn) -> "Batch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = fn(v)
+            elif isinstance(v, dict):
+                v = {k: fn(t) for k, t in v.items()}
+            out[f.name] = v
+        return Batch(**out)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        return self.map(lambda t: t.pin_memory())
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    batch_size: int = 8  # sequences per rank per step
+    shuffle_blocks: int = 8  # read blocks per shuffle window (more: better mixing, more worker memory)
+    seed: int = 0  # order of every epoch follows from it
+    num_workers: int = 1  # reader processes per rank (0: read in the training process)
+    prefetch: int = 4  # batches read ahead
+    pin_memory: bool = False  # page-locked batches for faster host-to-GPU copies
+    pad_to: int = 0  # pad every batch to this length (0: longest sequence of the batch)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A read unit: sequences [start, stop) of shard number `shard` of the split."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def cache_id(cache: Cache, split: str) -> str:
+    """Identifies the split's content: its shards' content checksums."""
+    h = hashlib.sha256()
+    for s in cache.shards(split):
+        h.update(f"{s.path}\t{s.content_sha256}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def list_blocks(cache: Cache, split: str) -> list[Block]:
+    blocks = []
+    for i, entry in enumerate(cache.shards(split)):
+        blocks += [Block(i, a, b) for a, b in cache.open_shard(entry).block_ranges()]
+    return blocks
+
+
+def epoch_windows(blocks: list[Block], seed: int, epoch: int, window: int, global_batch: int) -> list[list[list[tuple[int, int]]]]:
+    """The epoch's windows, each a list of global batches of (block number, sequence in block)."""
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    order = rng.permutation(len(blocks))
+    windows = []
+    for w in range(0, len(order), window):
+        members = [(int(b), j) for b in order[w : w + window] for j in range(blocks[b].stop - blocks[b].start)]
+        members = [members[i] for i in rng.permutation(len(members))]
+        windows.append([members[i : i + global_batch] for i in range(0, len(members), global_batch)])
+    return windows
+
+
+def rank_slice(items: list, rank: int, world: int) -> list:
+    """Rank's share of a global batch: contiguous, sizes differ by at most one."""
+    base, extra = divmod(len(items), world)
+    start = rank * base + min(rank, extra)
+    return items[start : start + base + (rank < extra)]
+
+
+def collate(seqs: list[dict[str, np.ndarray]], hidden_layers: list[int], pad_to: int = 0) -> Batch:
+    """Pad and shift sequences (dicts of stored arrays) into a Batch; see Batch for the conventions."""
+    from formats.schema import bf16_to_f32
+
+    if not seqs:
+        return _filler_batch(hidden_layers)
+    lengths = [len(s["input_ids"]) for s in seqs]
+    b, t = len(seqs), max(max(lengths), pad_to)
+    first = seqs[0]
+    k = first["topk_ids"].shape[1]
+    ids = np.zeros((b, t), np.int64)
+    pos = np.zeros((b, t), np.int64)
+    labels = np.full((b, t), IGNORE, np.int64)
+    topk_ids = np.zeros((b, t, k), np.int64)
+    topk_lp = np.zeros((b, t, k), np.float32)
+    tail = np.full((b, t), -np.inf, np.float32)
+    target = np.zeros((b, t), np.float32)
+    has_samples = "sample_ids" in first
+    if has_samples:
+        s_n = first["sample_ids"].shape[1]
+        s_ids = np.full((b, t, s_n), -1, np.int64)
+        s_counts = np.zeros((b, t, s_n), np.float32)
+    hidden = {layer: np.zeros((b, t, first[f"hidden/{layer}"].shape[1]), np.float32) for layer in hidden_layers}
+    for r, s in enumerate(seqs):
+        n = lengths[r]
+        ids[r, :n] = s["input_ids"]
+        p = s.get("position_ids")
+        pos[r, :n] = np.arange(n) if p is None else p
+        pos[r, n:] = np.arange(t - n)  # padding is its own "document": nothing real attends to it
+        nxt_ok = np.ones(n - 1, bool)
+        if "loss_mask" in s:
+            nxt_ok &= s["loss_mask"][1:].astype(bool)
+        if p is not None:
+            nxt_ok &= p[1:] != 0  # the first token of the next packed document is not predicted
+        labels[r, : n - 1] = np.where(nxt_ok, s["input_ids"][1:], IGNORE)
+        topk_ids[r, :n] = s["topk_ids"]
+        lp = s["topk_logprobs"]
+        topk_lp[r, :n] = bf16_to_f32(lp) if lp.dtype == np.uint16 else lp
+        tail[r, :n] = s["tail_logmass"]
+        target[r, : n - 1] = np.where(nxt_ok, s["target_logprob"][: n - 1], 0.0)
+        if has_samples:
+            s_ids[r, :n] = s["sample_ids"]
+            s_counts[r, :n] = s["sample_counts"]
+        for layer in hidden_layers:
+            h = s[f"hidden/{layer}"]
+            hidden[layer][r, :n] = bf16_to_f32(h) if h.dtype == np.uint16 else h
+    labels_t = torch.from_numpy(labels)
+    return Batch(
+        input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos), labels=labels_t, kd_mask=labels_t != IGNORE,
+        topk_ids=torch.from_numpy(topk_ids), topk_logprobs=torch.from_numpy(topk_lp), tail_logmass=torch.from_numpy(tail),
+        target_logprob=torch.from_numpy(target),
+        sample_ids=torch.from_numpy(s_ids) if has_samples else None,
+        sample_counts=torch.from_numpy(s_counts) if has_samples else None,
+        hidden={layer: torch.from_numpy(h) for layer, h in hidden.items()},
+        doc_index=torch.tensor([int(s["doc_index"]) for s in seqs], dtype=torch.int64),
+        num_tokens=int(sum(lengths)),
+    )
+
+
+def _filler_batch(hidden_layers: list[int]) -> Batch:
+    """One row, one padding token, nothing to learn: keeps a rank with no data in DDP's lock-step."""
+    z = torch.zeros(1, 1, dtype=torch.int64)
+    return Batch(input_ids=z, position_ids=z.clone(), labels=torch.full((1, 1), IGNORE), kd_mask=torch.zeros(1, 1, dtype=torch.bool),
+                 topk_ids=torch.zeros(1, 1, 1, dtype=torch.int64), topk_logprobs=torch.zeros(1, 1, 1),
+                 tail_logmass=torch.full((1, 1), -float("inf")), target_logprob=torch.zeros(1, 1),
+                 hidden={}, doc_index=torch.full((1,), -1), num_tokens=0)
+
+
+@dataclass(frozen=True)
+class WindowTask:
+    """Everything a worker needs to read and collate one window (plain data: it is pickled to workers)."""
+
+    url: str
+    split: str
+    blocks: tuple[Block, ...]  # the window's blocks, by block number
+    block_numbers: tuple[int, ...]
+    batches: tuple[tuple[tuple[int, int], ...], ...]  # this rank's batches: (block number, sequence in block)
+    hidden_layers: tuple[int, ...]
+    pad_to: int
+
+
+_OPEN: dict[str, Cache] = {}
+
+
+def read_window(task: WindowTask) -> list[Batch]:
+    """Worker side: read the window's blocks once, then collate this rank's batches from them."""
+    cache = _OPEN.get(task.url)
+    if cache is None:
+        cache = _OPEN[task.url] = open_cache(task.url, require_complete=True)
+    shards = cache.shards(task.split)
+    needed = {b for batch in task.batches for b, _ in batch}
+    readers: dict[int, object] = {}
+    data: dict[int, SeqBlock] = {}
+    for number, block in zip(task.block_numbers, task.blocks):
+        if number in needed:
+            reader = readers.get(block.shard) or readers.setdefault(block.shard, cache.open_shard(shards[block.shard]))
+            data[number] = reader.read_range(block.start, block.stop)
+    return [collate([data[b].get(j) for b, j in batch], list(task.hidden_layers), task.pad_to) for batch in task.batches]
+
+
+@dataclass
+class ResumeState:
+    seed: int
+    epoch: int
+    step: int  # batches this rank consumed in the epoch
+    batch_size: int
+    world: int
+    shuffle_blocks: int
+    cache_id: str
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class EpochReader:
+    """Batches of one rank for one epoch, from a given step (the trainer counts consumed steps)."""
+
+    def __init__(self, url: str, split: str, settings: LoaderSettings, rank: int = 0, world: int = 1,
+                 hidden_layers: list[int] | None = None):
+        self.url, self.split, self.settings = url, split, settings
+        self.rank, self.world = rank, world
+        self.cache = open_cache(url, require_complete=True)
+        if not self.cache.shards(split):
+            raise LoaderError(f"{url}: split {split!r} has no shards")
+        self.blocks = list_blocks(self.cache, split)
+        self.hidden_layers = list(hidden_layers or [])
+        self.cache_id = cache_id(self.cache, split)
+
+    def state(self, epoch: int, step: int) -> ResumeState:
+        s = self.settings
+        return ResumeState(s.seed, epoch, step, s.batch_size, self.world, s.shuffle_blocks, self.cache_id)
+
+    def check_resume(self, state: dict) -> ResumeState:
+        """Refuse a resume state that does not fit these settings, naming the field and both values."""
+        now = self.state(state.get("epoch", 0), state.get("step", 0)).to_dict()
+        for key in ("seed", "batch_size", "world", "shuffle_blocks", "cache_id"):
+            if state.get(key) != now[key]:
+                raise LoaderError(f"resume state: {key} was {state.get(key)!r} when the checkpoint was written, "
+                                  f"now {now[key]!r}; resuming would not continue the same data order")
+        return ResumeState(**{k: state[k] for k in now})
+
+    def steps_per_epoch(self) -> int:
+        gb = self.settings.batch_size * self.world
+        return sum(len(w) for w in epoch_windows(self.blocks, self.settings.seed, 0, self.settings.shuffle_blocks, gb))
+
+    def tasks(self, epoch: int, start_step: int = 0) -> Iterator[tuple[WindowTask, int]]:
+        """(task, batches of it to skip) for the windows that hold step `start_step` onwards."""
+        s = self.settings
+        step = 0
+        for window in epoch_windows(self.blocks, s.seed, epoch, s.shuffle_blocks, s.batch_size * self.world):
+            if step + len(window) <= start_step:
+                step += len(window)
+                continue
+            numbers = tuple(sorted({b for gb in window for b, _ in gb}))
+            mine = tuple(tuple(rank_slice(gb, self.rank, self.world)) for gb in window)
+            yield (WindowTask(self.url, self.split, tuple(self.blocks[n] for n in numbers), numbers, mine,
+                              tuple(self.hidden_layers), s.pad_to), max(0, start_step - step))
+            step += len(window)
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's batches of `epoch` from `start_step`, through the torchdata pipeline."""
+        from torchdata.nodes import IterableWrapper, Loader, ParallelMapper, PinMemory, Prefetcher, Unbatcher
+
+        s = self.settings
+        node = IterableWrapper(self.tasks(epoch, start_step))
+        if s.num_workers > 0:
+            node = ParallelMapper(node, map_fn=_read_and_skip, num_workers=s.num_workers, in_order=True,
+                                  method="process", multiprocessing_context="spawn")
+        else:
+            node = ParallelMapper(node, map_fn=_read_and_skip, num_workers=0, in_order=True)
+        node = Unbatcher(node)
+        if s.pin_memory and torch.cuda.is_available():
+            node = PinMemory(node)
+        node = Prefetcher(node, prefetch_factor=max(1, s.prefetch))
+        return iter(Loader(node, restart_on_stop_iteration=False))
+
+
+def _read_and_skip(item: tuple[WindowTask, int]) -> list[Batch]:
+    task, skip = item
+    batches = read_window(WindowTask(task.url, task.split, task.blocks, task.block_numbers, task.batches[skip:],
+                                     task.hidden_layers, task.pad_to))
+    return batches

@@ -1,0 +1,85 @@
+"""The student model: any HF causal-LM folder, or one derived from the teacher with fewer layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from formats.errors import KdError
+
+
+class StudentError(KdError):
+    """The student cannot be built or does not fit the cache."""
+
+
+def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layers to copy: evenly spread, first and last included."""
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
+
+
+def load_student(path: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise StudentError(f"student {path!r}: no config.json; give a Hugging Face model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise StudentError(f"student {path!r}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    return model, tokenizer
+
+
+def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = None, dtype: str = "float32", seed: int = 0):
+    """A smaller student with the teacher's architecture and tokenizer.
+
+    With the teacher's hidden size, embeddings, final norm, output head and an evenly spread subset of
+    `layers` decoder layers are copied from the teacher; with another hidden size nothing fits, so the
+    student starts from random weights (seeded) and only the config is derived.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    n_teacher = config.num_hidden_layers
+    if not 1 <= layers <= n_teacher:
+        raise StudentError(f"--student-layers must be in [1, {n_teacher}] for this teacher, got {layers}")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    same_width = hidden is None or hidden == config.hidden_size
+    config.num_hidden_layers = layers
+    if not same_width:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if hidden % head_dim:
+            raise StudentError(f"--student-hidden {hidden} must be a multiple of the head size {head_dim}")
+        ratio = hidden / config.hidden_size
+        config.num_attention_heads = hidden // head_dim
+        config.num_key_value_heads = max(1, min(config.num_attention_heads, round(config.num_key_value_heads * ratio)))
+        while config.num_attention_heads % config.num_key_value_heads:
+            config.num_key_value_heads -= 1
+        config.intermediate_size = int(round(config.intermediate_size * ratio / 64)) * 64 or 64
+        config.hidden_size = hidden
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = config.layer_types[:layers]
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if same_width:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype))
+        t_sd = teacher.state_dict()
+        picked = uniform_layers(n_teacher, layers)
+        new_sd = {}
+        for name in student.state_dict():
+            src = name
+            parts = name.split(".")
+            if "layers" in parts:
+                i = parts.index("layers") + 1
+                parts[i] = str(picked[int(parts[i])])
+                src = ".".join(parts)
+            new_sd[name] = t_sd[src]
+        student.load_state_dict(new_sd)
+        del teacher
+    return student, tokenizer, {"teacher_dir": str(teacher_dir), "layers": layers, "hidden": config.hidden_size,
+                                "copied_layers": uniform_layers(n_teacher, layers) if same_width else []}
