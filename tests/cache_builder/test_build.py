@@ -224,8 +224,10 @@ def test_parts_merge_into_one_cache_holding_every_sequence_once(tiny_teacher, sm
     ],
 )
 def test_bad_build_settings_give_one_clear_error(tiny_teacher, small_corpus, tmp_path, change, message):
+    change = dict(change)
+    teacher = change.pop("teacher", tiny_teacher)
     with pytest.raises(KdError, match=message):
-        run_build(settings(tiny_teacher, small_corpus, tmp_path / "c", **change))
+        run_build(settings(teacher, small_corpus, tmp_path / "c", **change))
     assert not (tmp_path / "c" / "shards").exists() or not any((tmp_path / "c" / "shards").iterdir())
 
 
