@@ -43,6 +43,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("demo", help="cache the embedded teacher over real text, distill a student, compare with CE only")
+    p.add_argument("--out", default="demo_out", help="folder for the corpus, cache, students and report")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute version (used in tests)")
+    p.add_argument("--corpus", help="your own corpus instead of the standard library's sources")
+    p.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"), help="teacher runtime for the cache")
+    p.set_defaults(func=cmd_demo)
+
 
 TRAIN_KEYS = ("cache", "out", "split", "student", "student_layers", "student_hidden", "init_from_teacher", "steps", "batch_size",
               "grad_accum", "lr", "kd_kind", "alpha", "temperature", "layer_map", "hidden_weight", "num_workers", "seed",
@@ -66,4 +73,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.json:
         print(format_table({args.student: result}))
     print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from student_trainer.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, corpus=args.corpus, backend=args.backend)
     return 0

@@ -62,7 +62,7 @@ class TrainSettings:
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the student
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
-    log_every: int = 10
+    log_every: int = 1  # optimizer steps between lines of metrics.jsonl
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from the latest checkpoint in `out`
     verify: bool = False  # recompute every shard checksum before training
