@@ -1,0 +1,28 @@
+"""`kdcache demo --quick`: the whole job end to end on the embedded teacher, as `make demo` runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.integration
+def test_quick_demo_builds_trains_evaluates_and_reports(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "formats.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(summary["heldout_ce"]) == {"kd", "ce_only"} and isinstance(summary["kd_beats_ce"], bool)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    verdict = "Distillation helped" if summary["kd_beats_ce"] else "Distillation did NOT help"
+    assert verdict in report and verdict in proc.stdout
+    assert "| KD from cache |" in report and "| CE only |" in report
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
+    from formats.verify import verify_cache
+
+    assert verify_cache(str(tmp_path / "demo" / "cache")) == []
