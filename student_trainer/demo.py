@@ -20,19 +20,22 @@ from pathlib import Path
 
 PROFILES = {
     # tokens cached, student layers, steps, batch, sequence length
-    "quick": {"corpus_chars": 14_000, "layers": 4, "steps": 16, "batch_size": 4, "seq_len": 128, "top_k": 16},
+    "quick": {"corpus_chars": 20_000, "file_chars": (1_000, 3_000), "heldout": 0.3, "layers": 4, "steps": 16,
+              "batch_size": 4, "seq_len": 128, "top_k": 16},
     # Sized for 2 CPU cores and about 15 minutes: the teacher caches ~100 tok/s there, a student trains ~200 tok/s.
-    "full": {"corpus_chars": 100_000, "layers": 4, "steps": 50, "batch_size": 4, "seq_len": 256, "top_k": 32},
+    "full": {"corpus_chars": 100_000, "file_chars": (1_000, 10_000), "heldout": 0.2, "layers": 4, "steps": 50,
+             "batch_size": 4, "seq_len": 256, "top_k": 32},
 }
 
 
-def stdlib_corpus(folder: Path, chars: int) -> Path:
-    """Copy standard-library modules (as .txt documents) until about `chars` characters are collected."""
+def stdlib_corpus(folder: Path, chars: int, file_chars: tuple[int, int] = (1_000, 10_000)) -> Path:
+    """Copy standard-library modules (as .txt documents) until about `chars` characters are collected.
+    Smallish files make many documents, so the held-out split (chosen per file by hash) is never empty."""
     folder.mkdir(parents=True, exist_ok=True)
     total = 0
     for src in sorted(Path(os.__file__).parent.glob("*.py")):
         text = src.read_text(encoding="utf-8", errors="replace")
-        if not 2_000 <= len(text) <= 40_000:
+        if not file_chars[0] <= len(text) <= file_chars[1]:
             continue
         (folder / f"{src.stem}.txt").write_text(text, encoding="utf-8")
         total += len(text)
@@ -54,7 +57,7 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    corpus_dir = Path(corpus) if corpus else stdlib_corpus(out_dir / "corpus", p["corpus_chars"])
+    corpus_dir = Path(corpus) if corpus else stdlib_corpus(out_dir / "corpus", p["corpus_chars"], p["file_chars"])
     if backend == "auto":
         try:
             import vllm  # noqa: F401
@@ -65,7 +68,7 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
     cache = out_dir / "cache"
     t0 = time.perf_counter()
     _kdcache("build", "--teacher", "default", "--corpus", str(corpus_dir), "--out", str(cache), "--backend", backend,
-             "--top-k", str(p["top_k"]), "--seq-len", str(p["seq_len"]), "--heldout-fraction", "0.1",
+             "--top-k", str(p["top_k"]), "--seq-len", str(p["seq_len"]), "--heldout-fraction", str(p["heldout"]),
              "--shard-tokens", "16384", "--max-batch-tokens", "2048")
     build_s = time.perf_counter() - t0
     runs = {}
