@@ -27,7 +27,7 @@ import torch
 
 from formats.errors import KdError
 from formats.reader import Cache, open_cache
-from formats.schema import SeqBlock
+from formats.schema import FieldSpec, SeqBlock
 
 IGNORE = -100
 
@@ -131,12 +131,14 @@ def rank_slice(items: list, rank: int, world: int) -> list:
     return items[start : start + base + (rank < extra)]
 
 
-def collate(seqs: list[dict[str, np.ndarray]], hidden_layers: list[int], pad_to: int = 0) -> Batch:
-    """Pad and shift sequences (dicts of stored arrays) into a Batch; see Batch for the conventions."""
+def collate(seqs: list[dict[str, np.ndarray]], hidden_layers: list[int], pad_to: int = 0,
+            fields: dict[str, FieldSpec] | None = None) -> Batch:
+    """Pad and shift sequences (dicts of stored arrays) into a Batch; see Batch for the conventions.
+    An empty list gives the filler batch, shaped after the cache's field table `fields`."""
     from formats.schema import bf16_to_f32
 
     if not seqs:
-        return _filler_batch(hidden_layers)
+        return _filler_batch(fields, hidden_layers)
     lengths = [len(s["input_ids"]) for s in seqs]
     b, t = len(seqs), max(max(lengths), pad_to)
     first = seqs[0]
@@ -190,13 +192,19 @@ def collate(seqs: list[dict[str, np.ndarray]], hidden_layers: list[int], pad_to:
     )
 
 
-def _filler_batch(hidden_layers: list[int]) -> Batch:
-    """One row, one padding token, nothing to learn: keeps a rank with no data in DDP's lock-step."""
+def _filler_batch(fields: dict[str, FieldSpec], hidden_layers: list[int]) -> Batch:
+    """One row, one padding token, nothing to learn: keeps a rank with no data in DDP's lock-step. It has
+    the cache's k, sample slots and hidden layers, so every loss path (RS-KD, hidden alignment) runs on it."""
     z = torch.zeros(1, 1, dtype=torch.int64)
+    k = fields["topk_ids"].shape[0]
+    s_n = fields["sample_ids"].shape[0] if "sample_ids" in fields else 0
     return Batch(input_ids=z, position_ids=z.clone(), labels=torch.full((1, 1), IGNORE), kd_mask=torch.zeros(1, 1, dtype=torch.bool),
-                 topk_ids=torch.zeros(1, 1, 1, dtype=torch.int64), topk_logprobs=torch.zeros(1, 1, 1),
+                 topk_ids=torch.zeros(1, 1, k, dtype=torch.int64), topk_logprobs=torch.zeros(1, 1, k),
                  tail_logmass=torch.full((1, 1), -float("inf")), target_logprob=torch.zeros(1, 1),
-                 hidden={}, doc_index=torch.full((1,), -1), num_tokens=0)
+                 sample_ids=torch.full((1, 1, s_n), -1, dtype=torch.int64) if s_n else None,
+                 sample_counts=torch.zeros(1, 1, s_n) if s_n else None,
+                 hidden={layer: torch.zeros(1, 1, fields[f"hidden/{layer}"].shape[0]) for layer in hidden_layers},
+                 doc_index=torch.full((1,), -1), num_tokens=0)
 
 
 @dataclass(frozen=True)
@@ -228,7 +236,8 @@ def read_window(task: WindowTask) -> list[Batch]:
         if number in needed:
             reader = readers.get(block.shard) or readers.setdefault(block.shard, cache.open_shard(shards[block.shard]))
             data[number] = reader.read_range(block.start, block.stop)
-    return [collate([data[b].get(j) for b, j in batch], list(task.hidden_layers), task.pad_to) for batch in task.batches]
+    return [collate([data[b].get(j) for b, j in batch], list(task.hidden_layers), task.pad_to, cache.manifest.fields)
+            for batch in task.batches]
 
 
 @dataclass
@@ -272,9 +281,10 @@ class EpochReader:
                                   f"now {now[key]!r}; resuming would not continue the same data order")
         return ResumeState(**{k: state[k] for k in now})
 
-    def steps_per_epoch(self) -> int:
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Batches per rank in `epoch`: windows group different blocks each epoch, so this varies a little."""
         gb = self.settings.batch_size * self.world
-        return sum(len(w) for w in epoch_windows(self.blocks, self.settings.seed, 0, self.settings.shuffle_blocks, gb))
+        return sum(len(w) for w in epoch_windows(self.blocks, self.settings.seed, epoch, self.settings.shuffle_blocks, gb))
 
     def tasks(self, epoch: int, start_step: int = 0) -> Iterator[tuple[WindowTask, int]]:
         """(task, batches of it to skip) for the windows that hold step `start_step` onwards."""

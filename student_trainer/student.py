@@ -62,8 +62,8 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
             config.num_key_value_heads -= 1
         config.intermediate_size = int(round(config.intermediate_size * ratio / 64)) * 64 or 64
         config.hidden_size = hidden
-    if hasattr(config, "layer_types") and config.layer_types is not None:
-        config.layer_types = config.layer_types[:layers]
+    if getattr(config, "layer_types", None) is not None:  # e.g. sliding/full attention: the copied layers' own types
+        config.layer_types = [config.layer_types[i] for i in uniform_layers(n_teacher, layers)]
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     if same_width:

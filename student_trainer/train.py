@@ -81,6 +81,12 @@ class TrainSettings:
         for name in ("steps", "batch_size", "grad_accum", "chunk_tokens", "shuffle_blocks"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"{name} must be positive, got {getattr(self, name)}")
+        from student_trainer.losses import KD_LOSSES
+
+        if self.kd_kind not in KD_LOSSES:
+            raise TrainError(f"kd_kind must be one of {', '.join(KD_LOSSES)}, got {self.kd_kind!r}")
+        if self.hidden_metric not in ("mse", "cosine"):
+            raise TrainError(f"hidden_metric must be mse or cosine, got {self.hidden_metric!r}")
         for name in self.SCHEDULED:
             check_schedule(name, getattr(self, name))
         for i, phase in enumerate(self.phases):
@@ -115,8 +121,9 @@ def load_settings(config_path: str | None, overrides: dict) -> TrainSettings:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TrainError(f"{config_path or 'settings'}: unknown key {key!r}{hint}")
         default = getattr(TrainSettings(), key)
+        number = (int, float, dict) if key in TrainSettings.SCHEDULED else (int, float)
         ok = (isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-              or isinstance(default, float) and isinstance(value, (int, float, dict)) and not isinstance(value, bool)
+              or isinstance(default, float) and isinstance(value, number) and not isinstance(value, bool)
               or isinstance(default, tuple) and isinstance(value, list))
         if not ok:
             raise TrainError(f"{config_path or 'settings'}: {key} must be {type(default).__name__}, got {value!r}")
@@ -181,6 +188,21 @@ def _weights(s: TrainSettings, step: int) -> dict[str, float]:
     return out
 
 
+def _open_metrics(path: Path, step: int):
+    """metrics.jsonl for appending, keeping only lines up to `step`: a resumed run redoes the steps after its
+    checkpoint (and a kill may have cut the last line short); a fresh run (step 0) starts empty."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    path.write_text("".join(kept))
+    return open(path, "a")
+
+
 def build_student(s: TrainSettings):
     from student_trainer.student import load_student, student_from_teacher
 
@@ -199,7 +221,10 @@ def build_student(s: TrainSettings):
 
 
 def train(s: TrainSettings) -> dict:
-    """Run the recipe; returns a summary (final loss, steps, tokens, seconds, output folder)."""
+    """Run the recipe; returns a summary (final loss, steps, tokens, seconds, output folder, trained DistillModel).
+
+    Under torchrun the process group is created here and destroyed at the end, unless the caller created it.
+    """
     from formats.reader import open_cache
     from formats.tokenizer import tokenizer_info
     from student_trainer.loader import EpochReader, LoaderSettings
@@ -208,13 +233,16 @@ def train(s: TrainSettings) -> dict:
     # ---- setup: distributed, device, cache
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
+    own_group = False
     if world > 1:
         import torch.distributed as dist
 
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            own_group = True
     cache = open_cache(s.cache, require_complete=not s.allow_incomplete)
     cache.check_structure()
     if s.verify:
@@ -263,7 +291,10 @@ def train(s: TrainSettings) -> dict:
         model.student = torch.compile(model.student)
     ddp = model
     if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A step whose phase or schedule switches the KD or hidden path off leaves parameters without gradients.
+        may_skip = projector is not None or bool(s.phases) or not isinstance(s.kd_weight, (int, float)) or s.kd_weight <= 0
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=may_skip)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
 
@@ -292,7 +323,7 @@ def train(s: TrainSettings) -> dict:
 
     batches = reader.batches(epoch, micro)
     bar = tqdm(total=s.steps, initial=step, disable=not s.progress or rank != 0, desc="train", unit="step")
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_file = _open_metrics(out / "metrics.jsonl", step) if rank == 0 else None
     t0, last = time.perf_counter(), {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.bf16 and device.type == "cuda")
     ddp.train()
@@ -354,8 +385,9 @@ def train(s: TrainSettings) -> dict:
         tokenizer.save_pretrained(final)
         (final / "kdcache_student.json").write_text(json.dumps({"cache": s.cache, "student": student_info,
                                                                  "steps": step, "tokens": tokens_seen}, indent=1))
-    if world > 1:
+    if own_group:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return {"steps": step, "tokens": tokens_seen, "last": last, "seconds": time.perf_counter() - t0, "out": str(out)}
+    return {"steps": step, "tokens": tokens_seen, "last": last, "seconds": time.perf_counter() - t0, "out": str(out),
+            "model": model}
