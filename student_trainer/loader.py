@@ -18,6 +18,7 @@ window each, in order) -> Unbatcher -> PinMemory -> Prefetcher. Workers open the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -320,6 +321,4 @@ class EpochReader:
 
 def _read_and_skip(item: tuple[WindowTask, int]) -> list[Batch]:
     task, skip = item
-    batches = read_window(WindowTask(task.url, task.split, task.blocks, task.block_numbers, task.batches[skip:],
-                                     task.hidden_layers, task.pad_to))
-    return batches
+    return read_window(dataclasses.replace(task, batches=task.batches[skip:]))
