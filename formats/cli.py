@@ -24,10 +24,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-checksums", action="store_true", help="skip recomputing file sha256 (faster)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("convert", help="rewrite a cache with the other storage backend")
+    p = sub.add_parser("convert", help="rewrite a cache with the other storage backend, or derive a smaller one")
     p.add_argument("cache", help="source cache directory or fsspec URL")
-    p.add_argument("--to", required=True, choices=("zarr", "parquet"), help="target backend")
+    p.add_argument("--to", choices=("zarr", "parquet"), help="target backend (default: the source's)")
     p.add_argument("--out", required=True, help="new cache directory")
+    p.add_argument("--top-k", type=int, help="keep the first K top-k entries; the rest join the tail mass")
+    p.add_argument("--drop-samples", action="store_true", help="leave out the RS-KD samples")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     p.set_defaults(func=cmd_convert)
 
@@ -96,8 +98,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from formats.convert import convert_cache
 
-    m = convert_cache(args.cache, args.to, args.out, overwrite=args.overwrite)
-    print(f"{args.out}: {m.totals()['shards']} shards written as {args.to}; content checksums match {args.cache}")
+    from formats.reader import open_cache
+
+    backend = args.to or open_cache(args.cache).manifest.backend
+    m = convert_cache(args.cache, backend, args.out, overwrite=args.overwrite, top_k=args.top_k,
+                      drop_samples=args.drop_samples)
+    if "derived_from" in m.build:
+        print(f"{args.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k}, "
+              f"{m.sample_draws} RS-KD draws (derived from {args.cache})")
+    else:
+        print(f"{args.out}: {m.totals()['shards']} shards written as {backend}; content checksums match {args.cache}")
     return 0
 
 
