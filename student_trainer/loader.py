@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+from torchdata.nodes import BaseNode  # light once torch is loaded (~25 ms)
 
 from formats.errors import KdError
 from formats.reader import Cache, open_cache
@@ -34,7 +35,7 @@ IGNORE = -100
 
 
 class LoaderError(KdError):
-    """A resume state or setting that does not fit this cache."""
+    """A resume state or setting that does not fit this cache, or a reader process that died."""
 
 
 @dataclass
@@ -307,18 +308,109 @@ class EpochReader:
 
         s = self.settings
         node = IterableWrapper(self.tasks(epoch, start_step))
+        watch = None
         if s.num_workers > 0:
-            node = ParallelMapper(node, map_fn=_read_and_skip, num_workers=s.num_workers, in_order=True,
-                                  method="process", multiprocessing_context="spawn")
+            node = watch = WatchedMapper(ParallelMapper(node, map_fn=_read_and_skip, num_workers=s.num_workers,
+                                                        in_order=True, method="process", multiprocessing_context="spawn"),
+                                         self.url)
         else:
             node = ParallelMapper(node, map_fn=_read_and_skip, num_workers=0, in_order=True)
         node = Unbatcher(node)
         if s.pin_memory and torch.cuda.is_available():
             node = PinMemory(node)
         node = Prefetcher(node, prefetch_factor=max(1, s.prefetch))
-        return iter(Loader(node, restart_on_stop_iteration=False))
+        return _plain_errors(iter(Loader(node, restart_on_stop_iteration=False)), watch)
+
+
+def _plain_errors(batches: Iterator[Batch], watch: "WatchedMapper | None") -> Iterator[Batch]:
+    """The batches, but a dead worker surfaces as the watch's one-line LoaderError: torchdata's prefetch
+    thread re-raises it wrapped in a multi-line traceback text."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except LoaderError:
+            if watch is not None and watch.error:
+                raise LoaderError(watch.error) from None
+            raise
+        yield batch
 
 
 def _read_and_skip(item: tuple[WindowTask, int]) -> list[Batch]:
     task, skip = item
     return read_window(dataclasses.replace(task, batches=task.batches[skip:]))
+
+
+class WatchedMapper(BaseNode):
+    """A torchdata ParallelMapper (worker processes) that fails when a worker dies instead of waiting forever.
+
+    torchdata 0.11's mapper waits on its result queue in a loop with no end: a worker killed by SIGKILL or
+    the OOM killer never answers, and training hangs. Here the mapper's `next` runs on a helper thread while
+    this node polls the workers' exit codes; a dead worker raises a one-line LoaderError within
+    `poll_s` seconds and the remaining workers are stopped. Windows are large (tens of batches), so one
+    thread hand-off per window costs nothing measurable.
+    """
+
+    def __init__(self, mapper: BaseNode, url: str, poll_s: float = 0.25):
+        super().__init__()
+        self.mapper, self.url, self.poll_s = mapper, url, poll_s
+        self._workers: list = []
+        self._pool = None
+        self.error = ""  # the one-line message once a worker has died
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        import multiprocessing
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().reset(initial_state)
+        # The mapper starts its worker processes inside reset: they are the children that appear during it.
+        before = set(multiprocessing.active_children())
+        self.mapper.reset(initial_state)
+        self._workers = [p for p in multiprocessing.active_children() if p not in before]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-loader-watch")
+
+    def next(self):
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        future = self._pool.submit(self.mapper.next)
+        while True:
+            try:
+                return future.result(timeout=self.poll_s)
+            except FutureTimeout:
+                pass
+            dead = [p for p in self._workers if p.exitcode not in (None, 0)]
+            if dead:
+                self._stop()
+                p = dead[0]
+                self.error = (f"{self.url}: loader worker process {p.pid} died with exit code {p.exitcode} "
+                              f"({_exit_reason(p.exitcode)}); the windows it held are lost, so the epoch cannot go on")
+                raise LoaderError(self.error)
+
+    def get_state(self) -> dict:
+        return self.mapper.state_dict()
+
+    def _stop(self) -> None:
+        """Stop the other workers and the mapper's threads (the helper thread's `next` then ends)."""
+        for p in self._workers:
+            if p.exitcode is None:
+                p.kill()
+        # torchdata has no public close(); its iterator's _shutdown sets the stop events its loops check.
+        it = getattr(getattr(self.mapper, "_it", None), "_it", None)
+        if hasattr(it, "_shutdown"):
+            it._shutdown()
+        self._pool.shutdown(wait=False)
+        self._pool = None
+
+
+def _exit_reason(code: int) -> str:
+    import signal
+
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + ("; out of memory?" if -code == signal.SIGKILL else "")
+    return "exited"

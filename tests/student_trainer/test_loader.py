@@ -238,3 +238,30 @@ def test_the_filler_batch_takes_k_sample_slots_and_hidden_sizes_from_the_field_t
     filler = collate([], [5], fields=fields)
     assert filler.topk_logprobs.shape == (1, 1, K) and filler.sample_counts.shape == (1, 1, 3)
     assert filler.hidden[5].shape == (1, 1, 7) and filler.sample_ids.eq(-1).all()
+
+
+# ------------------------------------------------------------------------------------------- worker failures
+
+
+def test_a_killed_worker_process_fails_the_epoch_with_its_exit_code_instead_of_hanging(tiny_cache):
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    # One block per window and prefetch 1: most windows are still unread when the worker dies.
+    settings = dataclasses.replace(SMALL, shuffle_blocks=1, num_workers=1, prefetch=1)
+    reader = EpochReader(tiny_cache, "train", settings)
+    assert len(list(reader.tasks(0))) > 4, "too few windows: the worker could finish the epoch before it is killed"
+    before = set(multiprocessing.active_children())
+    batches = reader.batches(epoch=0)
+    next(batches)
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(LoaderError, match=rf"worker process {workers[0].pid} died with exit code -9 \(killed by SIGKILL") as e:
+        for _ in batches:
+            assert time.monotonic() - t0 < 30, "the reader kept delivering long after its only worker died"
+    assert time.monotonic() - t0 < 10
+    assert "\n" not in str(e.value), "the error should be one line, not torchdata's wrapped traceback"
