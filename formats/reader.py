@@ -38,7 +38,10 @@ class Cache:
         return self.manifest.split_shards(split)
 
     def check_structure(self, split: str | None = None) -> None:
-        """Fast start-up check: every file of every shard exists with the size the manifest records."""
+        """Fast start-up check, reading no shard data: every file of every shard of `split` exists with the size
+        the manifest records; each shard's own metadata (Parquet footer, Zarr array shapes and seq_offsets) holds
+        the sequences and tokens the manifest says; a local cache holds no file the manifest does not name.
+        Flipped bytes are left to `verify` (checksums), which reads everything."""
         for entry in self.shards(split):
             for f in entry.files:
                 path = self.path_of(entry, f.path)
@@ -51,6 +54,19 @@ class Cache:
                         f"{self.url}: shard {entry.path!r} file {f.path or entry.path!r} has {size} bytes, "
                         f"the manifest says {f.bytes}"
                     )
+        for entry in self.shards(split):
+            shard = self.open_shard(entry)  # checks the shard's sequence count (and Zarr shapes) against the entry
+            tokens = shard.num_tokens
+            if tokens != entry.tokens:
+                raise CacheError(f"{self.url}: shard {entry.path!r} holds {tokens} tokens, the manifest says {entry.tokens}")
+        from formats.verify import unknown_files
+
+        extra = unknown_files(self)
+        if not self.manifest.complete:  # a build still running has its next shard under a temporary name
+            extra = [p for p in extra if ".tmp-" not in p]
+        if extra:
+            more = f" (and {len(extra) - 1} more; `kdcache verify` lists them)" if len(extra) > 1 else ""
+            raise CacheError(extra[0] + more)
 
     def open_shard(self, entry: ShardEntry):
         """A reader for one shard (ParquetShard or ZarrShard), its structure checked against the manifest."""

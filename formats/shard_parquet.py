@@ -137,6 +137,15 @@ class ParquetShard:
     def num_sequences(self) -> int:
         return sum(self.rows_per_group)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens from the footer alone: the value count of the input_ids column (sequences are never empty)."""
+        meta = self.file.metadata
+        cols = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == "input_ids"]
+        if len(cols) != 1:
+            raise CacheError(f"{self.where}: no input_ids column")
+        return sum(meta.row_group(g).column(cols[0]).num_values for g in range(meta.num_row_groups))
+
     def _read_group(self, i: int) -> SeqBlock:
         try:
             table = self.file.read_row_group(i)

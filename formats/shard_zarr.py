@@ -104,6 +104,10 @@ class ZarrShard:
     def num_sequences(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
     def read_range(self, start: int, stop: int) -> SeqBlock:
         lo, hi = int(self.offsets[start]), int(self.offsets[stop])
         block = SeqBlock(offsets=self.offsets[start : stop + 1] - lo)

@@ -130,14 +130,33 @@ def _check_files(cache: Cache, entry: ShardEntry, where: str) -> list[str]:
             problems.append(f"{where}: shard sha256 does not match its file list")
     elif entry.files[0].sha256 != entry.sha256:
         problems.append(f"{where}: shard sha256 differs from its file's sha256")
-    if cache.local and os.path.isdir(cache.path_of(entry)):
-        known = {f.path for f in entry.files}
-        base = cache.path_of(entry)
-        for dirpath, _, names in os.walk(base):
-            for n in names:
-                rel = os.path.relpath(os.path.join(dirpath, n), base).replace(os.sep, "/")
-                if rel not in known:
-                    problems.append(f"{where}: unknown extra file {rel!r} in the shard")
+    return problems + _shard_extra_files(cache, entry, where)
+
+
+def _shard_extra_files(cache: Cache, entry: ShardEntry, where: str) -> list[str]:
+    """Files inside a local shard folder (a Zarr group) that its manifest entry does not list."""
+    if not (cache.local and os.path.isdir(cache.path_of(entry))):
+        return []
+    known = {f.path for f in entry.files}
+    base = cache.path_of(entry)
+    problems = []
+    for dirpath, _, names in os.walk(base):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), base).replace(os.sep, "/")
+            if rel not in known:
+                problems.append(f"{where}: unknown extra file {rel!r} in the shard")
+    return problems
+
+
+def unknown_files(cache: Cache) -> list[str]:
+    """Files and folders of a local cache that its manifest does not name, one line each; no file is read.
+
+    A file the manifest does not name may be a shard someone copied in by hand: its data would be silently
+    left out, so the trainer refuses such a cache as verify reports it (see Cache.check_structure).
+    """
+    problems = _extra_files(cache)
+    for entry in cache.manifest.shards:
+        problems += _shard_extra_files(cache, entry, f"{cache.url}: shard {entry.path!r}")
     return problems
 
 

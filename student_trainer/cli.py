@@ -41,6 +41,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--verify", action="store_true", help="recompute shard checksums before evaluating")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="cache the embedded teacher over real text, distill a student, compare with CE only")
@@ -69,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from student_trainer.evaluate import evaluate, format_table
 
-    result = evaluate(args.student, args.cache, args.split, args.batch_size, args.device)
+    result = evaluate(args.student, args.cache, args.split, args.batch_size, args.device, verify=args.verify)
     if not args.json:
         print(format_table({args.student: result}))
     print(json.dumps(result))
