@@ -177,15 +177,15 @@ def resolve_teacher_path(teacher: str) -> tuple[str, str]:
 
 def run_build(s: BuildSettings) -> Manifest:
     """Build (or resume) the cache described by `s`; returns the finished manifest."""
+    s.validate()  # before the heavy imports: a bad size or option is refused in a fraction of a second
     from transformers import AutoTokenizer
 
     from cache_builder.capture import CaptureSettings, sample_seed
-    from cache_builder.corpus import CorpusOptions, corpus_fingerprint, tokenize_corpus
+    from cache_builder.corpus import CorpusOptions, CorpusStats, corpus_fingerprint, tokenize_corpus
     from cache_builder.teacher_hf import check_teacher_folder, normalize_layers
     from formats.tokenizer import tokenizer_info
     from formats.writer import CacheWriter
 
-    s.validate()
     path, name = resolve_teacher_path(s.teacher)
     check_teacher_folder(path)
     if s.backend == "vllm":
@@ -204,7 +204,8 @@ def run_build(s: BuildSettings) -> Manifest:
                          packing=s.packing, heldout_fraction=s.heldout_fraction, skip_bad_records=s.skip_bad_records,
                          num_parts=s.num_parts, part=s.part)
     # Tokenizing first tells which optional fields the corpus needs (a loss mask for chat data).
-    sequences = list(tokenize_corpus(opts, tokenizer))
+    stats = CorpusStats()
+    sequences = list(tokenize_corpus(opts, tokenizer, stats))
     if not sequences:
         raise BuildError(f"corpus {s.corpus}: no tokens to cache (every document is empty)")
     corpus_info = corpus_fingerprint(opts)
@@ -274,6 +275,8 @@ def run_build(s: BuildSettings) -> Manifest:
     print(f"kdcache build: {totals['tokens']} tokens in {totals['shards']} shards, "
           f"{totals['bytes'] / max(1, totals['tokens']):.1f} B/token; this run {done_tokens} tokens in "
           f"{elapsed:.1f} s ({done_tokens / max(elapsed, 1e-9):.0f} tok/s) -> {s.out}")
+    if stats.skipped_records:
+        print(f"kdcache build: skipped {stats.skipped_records} malformed record(s) (--skip-bad-records)")
     return final
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from formats.errors import KdError
@@ -18,7 +20,22 @@ def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers draws a 'Loading weights' bar on stderr; kdcache keeps stderr for its one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_student(path: str, dtype: str = "float32"):
+    """(model, tokenizer) of an HF causal-LM folder. No code from the folder runs: trust_remote_code stays off."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,7 +43,8 @@ def load_student(path: str, dtype: str = "float32"):
     if not (folder / "config.json").exists():
         raise StudentError(f"student {path!r}: no config.json; give a Hugging Face model folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise StudentError(f"student {path!r}: cannot be loaded ({str(e).splitlines()[0]})") from None
@@ -43,6 +61,8 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(teacher_dir) / "config.json").exists():
+        raise StudentError(f"--init-from-teacher {str(teacher_dir)!r}: no config.json; give the teacher's Hugging Face folder")
     config = AutoConfig.from_pretrained(teacher_dir)
     n_teacher = config.num_hidden_layers
     if not 1 <= layers <= n_teacher:
@@ -67,7 +87,8 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     if same_width:
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype))
+        with quiet_loading():
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype))
         t_sd = teacher.state_dict()
         picked = uniform_layers(n_teacher, layers)
         new_sd = {}

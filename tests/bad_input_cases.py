@@ -1,0 +1,195 @@
+"""The bad-input table of issue #7: each case is a real `kdcache` command on a real bad file, folder or setting.
+
+Used by tests/test_bad_input.py (which asserts every row) and benchmarks/bad_input.py (which prints the table
+into benchmarks/RESULTS.md), so the list lives here once.
+
+Rules a row is held to (`Outcome.as_specified`):
+- an error case exits non-zero (2, a KdError) with exactly one line on stderr, `kdcache CMD: error: ...`,
+  containing the row's fragment (which names the file, line, field or setting at fault), and publishes nothing:
+  no manifest at a build's --out, no folder at a training run's --out;
+- a case that must succeed (a document longer than seq_len is split into windows; --skip-bad-records skips
+  and counts) exits 0 and passes its own check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+STDLIB = Path(os.__file__).parent
+BUILD = ["build", "--teacher", "{teacher}", "--out", "{out}", "--top-k", "4", "--seq-len", "64",
+         "--shard-tokens", "512", "--no-progress"]
+TRAIN = ["train", "--cache", "{cache}", "--out", "{out}", "--steps", "1", "--batch-size", "2", "--num-workers", "0",
+         "--no-progress"]
+EVAL = ["eval", "--cache", "{cache}", "--split", "train", "--json"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the issue's wording of the case
+    argv: list[str]  # `kdcache` arguments ({placeholders}: paths made by `prepare`); a repeated flag: the last wins
+    expect: str  # an error case: a fragment of the one error line; a success: a fragment of stdout
+    succeed: bool = False
+    check: Callable[[Path], str] | None = None  # a success: returns '' if the result is right, else what is wrong
+
+
+def _windows_check(out: Path) -> str:
+    """The long document became several sequences of at most seq_len tokens, all of document 0."""
+    from formats.reader import open_cache
+
+    cache = open_cache(out, require_complete=True)
+    seqs = [cache.sequence(i) for i in range(cache.num_sequences())]
+    lengths = [len(s["input_ids"]) for s in seqs]
+    docs = {int(s["doc_index"]) for s in seqs}
+    if len(seqs) < 2 or max(lengths) > 64 or docs != {0}:
+        return f"expected several windows of <= 64 tokens of document 0, got lengths {lengths}, documents {docs}"
+    return ""
+
+
+def _skipped_check(out: Path) -> str:
+    from formats.reader import open_cache
+
+    n = open_cache(out, require_complete=True).num_sequences()
+    return "" if n >= 2 else f"expected the two good records to be cached, got {n} sequences"
+
+
+CASES = [
+    Case("empty corpus", [*BUILD, "--corpus", "{files}/empty.txt"], "empty.txt']: no documents found"),
+    Case("malformed JSON line", [*BUILD, "--corpus", "{files}/bad.jsonl"], "bad.jsonl:2: malformed JSON"),
+    Case("malformed JSON line, --skip-bad-records", [*BUILD, "--corpus", "{files}/bad.jsonl", "--skip-bad-records"],
+         "skipped 1 malformed record(s)", succeed=True, check=_skipped_check),
+    Case("missing text field", [*BUILD, "--corpus", "{files}/no_text.jsonl"], "no_text.jsonl:1: no field 'text'"),
+    Case("non-UTF-8 bytes", [*BUILD, "--corpus", "{files}/latin1.txt"], "latin1.txt:2: not valid UTF-8"),
+    Case("document longer than seq_len", [*BUILD, "--corpus", "{files}/long.txt"], "kdcache build:", succeed=True,
+         check=_windows_check),
+    Case("top-k larger than the vocab", [*BUILD, "--corpus", "{files}/long.txt", "--top-k", "100000"],
+         "--top-k 100000 is larger than the teacher's vocabulary"),
+    Case("hidden layer out of range", [*BUILD, "--corpus", "{files}/long.txt", "--hidden-layers", "7"],
+         "--hidden-layers: layer 7 is out of range"),
+    Case("teacher folder missing", [*BUILD, "--corpus", "{files}/long.txt", "--teacher", "{files}/no-such-teacher"],
+         "no-such-teacher': no such folder"),
+    Case("teacher folder without weights", [*BUILD, "--corpus", "{files}/long.txt", "--teacher", "{no_weights}"],
+         "no-weights': no weight files"),
+    Case("student vocab smaller than the cache's ids (train)", [*TRAIN, "--student", "{small_vocab}"],
+         "student has 1000 output rows, fewer than the cache's vocabulary (49152)"),
+    Case("student vocab smaller than the cache's ids (eval)", [*EVAL, "--student", "{small_vocab}"],
+         "has 1000 output rows, fewer than the cache's vocabulary (49152)"),
+    Case("tokenizer mismatch (train)", [*TRAIN, "--student", "{other_tokenizer}"],
+         "differs from the cache's (49152 tokens"),
+    Case("tokenizer mismatch (eval)", [*EVAL, "--student", "{other_tokenizer}"],
+         "its tokenizer differs from the cache's teacher tokenizer"),
+    Case("unknown format version", [*TRAIN, "--student", "{teacher}", "--cache", "{future_cache}"],
+         "manifest.json: cache format version 2.0.0 is not supported"),
+    Case("config key misspelled", [*TRAIN, "--student", "{teacher}", "--config", "{files}/typo.yaml"],
+         "typo.yaml: unknown key 'stpes'"),
+    Case("zero size: build --shard-tokens 0", [*BUILD, "--corpus", "{files}/long.txt", "--shard-tokens", "0"],
+         "--shard-tokens must be positive, got 0"),
+    Case("negative size: build --seq-len -8", [*BUILD, "--corpus", "{files}/long.txt", "--seq-len", "-8"],
+         "--seq-len must be positive, got -8"),
+    Case("zero size: train --batch-size 0", [*TRAIN, "--student", "{teacher}", "--batch-size", "0"],
+         "batch_size must be positive, got 0"),
+    Case("zero size: eval --batch-size 0", [*EVAL, "--student", "{teacher}", "--batch-size", "0"],
+         "--batch-size must be positive, got 0"),
+]
+
+
+def prepare(root: Path) -> dict[str, str]:
+    """Every file the cases name, under `root`: a tiny teacher, a cache it built, students, bad corpora."""
+    sys.path.insert(0, str(Path(__file__).parent / "cache_builder"))  # tiny_teacher.py lives with the builder tests
+    from tiny_teacher import TOKENIZER_FILES, make_tiny_teacher
+
+    from cache_builder.build import BuildSettings, run_build
+    from cache_builder.default_teacher import default_teacher_dir
+
+    tokenizer_dir = default_teacher_dir()
+    teacher = make_tiny_teacher(root / "teacher", tokenizer_dir)
+    files = root / "files"
+    files.mkdir()
+    (files / "empty.txt").write_text("")
+    (files / "bad.jsonl").write_text('{"text": "one good record"}\n{"text": "cut short\n{"text": "another good one"}\n')
+    (files / "no_text.jsonl").write_text('{"body": "the text is under another name"}\n')
+    (files / "latin1.txt").write_bytes("first line\nna\u00efve caf\u00e9\n".encode("latin-1"))
+    (files / "long.txt").write_text((STDLIB / "textwrap.py").read_text(encoding="utf-8")[:2000])
+    (files / "typo.yaml").write_text("stpes: 3\nlr: 0.001\n")
+
+    no_weights = root / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(teacher / "config.json", no_weights / "config.json")
+
+    cache = root / "cache"
+    run_build(BuildSettings(teacher=str(teacher), corpus=[str(files / "long.txt")], out=str(cache), top_k=4,
+                            seq_len=64, shard_tokens=512, progress=False))
+    future = Path(shutil.copytree(cache, root / "future-cache"))
+    manifest = json.loads((future / "manifest.json").read_text())
+    manifest["format_version"] = "2.0.0"
+    (future / "manifest.json").write_text(json.dumps(manifest))
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    small = root / "small-vocab"
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1, head_dim=64)).save_pretrained(small)
+    for name in TOKENIZER_FILES:  # the teacher's tokenizer, so only the vocabulary size is wrong
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, small / name)
+    other = Path(shutil.copytree(teacher, root / "other-tokenizer"))
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<kdcache-extra-token>"])
+    tok.save_pretrained(other)
+    return {"teacher": str(teacher), "files": str(files), "no_weights": str(no_weights), "cache": str(cache),
+            "future_cache": str(future), "small_vocab": str(small), "other_tokenizer": str(other)}
+
+
+@dataclass
+class Outcome:
+    case: Case
+    returncode: int
+    stderr_lines: list[str]
+    stdout: str
+    problem: str  # '' when the case behaved as specified, else what was wrong
+
+    @property
+    def as_specified(self) -> bool:
+        return self.problem == ""
+
+    @property
+    def shown(self) -> str:
+        """What a user sees: the error line, or the last line of a success."""
+        if self.case.succeed and self.returncode == 0:
+            return self.stdout.strip().splitlines()[-1] if self.stdout.strip() else ""
+        return self.stderr_lines[-1] if self.stderr_lines else ""
+
+
+def run_case(case: Case, paths: dict[str, str], workdir: Path) -> Outcome:
+    """Run one case as its own `kdcache` process in an empty `workdir` (its --out is workdir/out)."""
+    out = workdir / "out"
+    argv = [a.format(out=out, **paths) for a in case.argv]
+    proc = subprocess.run([sys.executable, "-m", "formats.cli", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    lines = proc.stderr.strip().splitlines()
+    command = argv[0]
+    problem = ""
+    if case.succeed:
+        if proc.returncode != 0:
+            problem = f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"
+        elif case.expect not in proc.stdout:
+            problem = f"stdout lacks {case.expect!r}"
+        elif case.check is not None:
+            problem = case.check(out)
+    elif proc.returncode == 0:
+        problem = "exit 0: the bad input was accepted"
+    elif len(lines) != 1:
+        problem = f"{len(lines)} lines on stderr, want 1: {proc.stderr.strip()[-500:]}"
+    elif not lines[0].startswith(f"kdcache {command}: error:"):
+        problem = f"not a kdcache error line: {lines[0]}"
+    elif case.expect not in lines[0]:
+        problem = f"the error line lacks {case.expect!r}"
+    elif (out / "manifest.json").exists() or (command == "train" and out.exists()):
+        problem = f"something was published at {out}"
+    return Outcome(case, proc.returncode, lines, proc.stdout, problem)
