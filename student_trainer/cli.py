@@ -29,6 +29,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--precision", help="auto (bf16 autocast on GPU) | bf16 | fp32")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute activations in backward")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (needs peft) instead of all weights")
+    p.add_argument("--report-to", help="also log metrics to tensorboard and/or wandb (comma-separated)")
+    p.add_argument("--run-name", help="W&B run name")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in --out")
     p.add_argument("--verify", action="store_true", default=None, help="recompute shard checksums before training")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -54,7 +60,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 TRAIN_KEYS = ("cache", "out", "split", "student", "student_layers", "student_hidden", "init_from_teacher", "steps", "batch_size",
               "grad_accum", "lr", "kd_kind", "alpha", "temperature", "layer_map", "hidden_weight", "num_workers", "seed",
-              "device", "checkpoint_every", "resume", "verify", "progress")
+              "device", "checkpoint_every", "precision", "grad_checkpointing", "compile", "lora_rank", "report_to", "run_name",
+              "resume", "verify", "progress")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

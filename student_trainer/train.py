@@ -58,11 +58,14 @@ class TrainSettings:
     num_workers: int = 1  # loader processes
     seed: int = 0  # data order and initialisation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU | bf16: bf16 autocast on any device | fp32
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the student
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
     log_every: int = 1  # optimizer steps between lines of metrics.jsonl
+    report_to: str = ""  # also log to: tensorboard, wandb (comma-separated); metrics.jsonl is always written
+    run_name: str = ""  # W&B run name (default: the output folder's name)
+    wandb_project: str = "kdcache"
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from the latest checkpoint in `out`
     verify: bool = False  # recompute every shard checksum before training
@@ -85,6 +88,11 @@ class TrainSettings:
 
         if self.kd_kind not in KD_LOSSES:
             raise TrainError(f"kd_kind must be one of {', '.join(KD_LOSSES)}, got {self.kd_kind!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise TrainError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        from student_trainer.reporting import parse_report_to
+
+        parse_report_to(self.report_to)
         if self.hidden_metric not in ("mse", "cosine"):
             raise TrainError(f"hidden_metric must be mse or cosine, got {self.hidden_metric!r}")
         for name in self.SCHEDULED:
@@ -188,21 +196,6 @@ def _weights(s: TrainSettings, step: int) -> dict[str, float]:
     return out
 
 
-def _open_metrics(path: Path, step: int):
-    """metrics.jsonl for appending, keeping only lines up to `step`: a resumed run redoes the steps after its
-    checkpoint (and a kill may have cut the last line short); a fresh run (step 0) starts empty."""
-    kept = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                pass
-    path.write_text("".join(kept))
-    return open(path, "a")
-
-
 def build_student(s: TrainSettings):
     from student_trainer.student import load_student, student_from_teacher
 
@@ -288,7 +281,9 @@ def train(s: TrainSettings) -> dict:
         hidden_layers = sorted(set(lmap.values()))
     model = DistillModel(student, projector, m.vocab_size, s.chunk_tokens).to(device)
     if s.compile:
-        model.student = torch.compile(model.student)
+        # In place (Module.compile), so parameter names and checkpoints stay the same; the decoder is what
+        # DistillModel calls (the output head runs in the chunked loss, outside the compiled graph).
+        model.student.get_decoder().compile()
     ddp = model
     if world > 1:
         # A step whose phase or schedule switches the KD or hidden path off leaves parameters without gradients.
@@ -319,13 +314,18 @@ def train(s: TrainSettings) -> dict:
         (out / "settings.json").write_text(json.dumps(settings_json, indent=1, default=str))
 
     # ---- loop
+    from contextlib import nullcontext
+
     from tqdm import tqdm
+
+    from student_trainer.reporting import Reporter
 
     batches = reader.batches(epoch, micro)
     bar = tqdm(total=s.steps, initial=step, disable=not s.progress or rank != 0, desc="train", unit="step")
-    metrics_file = _open_metrics(out / "metrics.jsonl", step) if rank == 0 else None
+    reporter = Reporter(out, s.report_to, step, settings_json, s.run_name, s.wandb_project) if rank == 0 else None
     t0, last = time.perf_counter(), {}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.bf16 and device.type == "cuda")
+    bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     ddp.train()
     while step < s.steps:
         w = _weights(s, step)
@@ -335,7 +335,7 @@ def train(s: TrainSettings) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = s.lr * _lr_factor(step, s)
         total, parts_sum = 0.0, {}
-        for _ in range(s.grad_accum):
+        for i in range(s.grad_accum):
             try:
                 batch = next(batches)
             except StopIteration:
@@ -344,9 +344,12 @@ def train(s: TrainSettings) -> dict:
                 batch = next(batches)
             micro += 1
             batch = batch.to(device)
-            with autocast:
-                loss, parts = ddp(batch, kd_config, w["kd_weight"], w["hidden_weight"])
-            (loss / s.grad_accum).backward()
+            # DDP all-reduces gradients in backward; only the step's last micro-batch needs it.
+            sync = nullcontext() if world == 1 or i == s.grad_accum - 1 else ddp.no_sync()
+            with sync:
+                with autocast:
+                    loss, parts = ddp(batch, kd_config, w["kd_weight"], w["hidden_weight"])
+                (loss / s.grad_accum).backward()
             total += float(loss.detach()) / s.grad_accum
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / s.grad_accum
@@ -360,9 +363,8 @@ def train(s: TrainSettings) -> dict:
                 "alpha": w["alpha"], "temperature": w["temperature"],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "seconds": round(time.perf_counter() - t0, 3)}
-        if metrics_file and (step % s.log_every == 0 or step == s.steps):
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
+        if reporter and (step % s.log_every == 0 or step == s.steps):
+            reporter.log(last)
         bar.set_postfix(loss=f"{total:.4f}")
         bar.update(1)
         if rank == 0 and s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
@@ -371,8 +373,8 @@ def train(s: TrainSettings) -> dict:
             save_checkpoint(out, step, model, optimizer,
                             {"loader": reader.state(epoch, micro).to_dict(), "tokens": tokens_seen, "settings": settings_json})
     bar.close()
-    if metrics_file:
-        metrics_file.close()
+    if reporter:
+        reporter.close()
 
     # ---- final HF folder (loads in transformers and vLLM)
     if rank == 0:

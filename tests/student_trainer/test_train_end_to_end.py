@@ -111,6 +111,8 @@ import sys
 
 import numpy as np
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
 
 from student_trainer import loader
 from student_trainer.train import load_settings, train
@@ -127,15 +129,26 @@ def recording_batches(self, epoch, start_step=0):
         yield batch
 
 
+no_sync = [0]
+ddp_no_sync = DistributedDataParallel.no_sync
+
+
+def counting_no_sync(self):
+    no_sync[0] += 1
+    return ddp_no_sync(self)
+
+
 if __name__ == "__main__":
     loader.EpochReader.batches = recording_batches
+    DistributedDataParallel.no_sync = counting_no_sync
     dist.init_process_group("gloo")
     summary = train(load_settings(sys.argv[1], {}))
     digest = hashlib.sha256()
     for name, tensor in sorted(summary["model"].state_dict().items()):
         digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
     everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, {"digest": digest.hexdigest(), "seen": seen, "steps": summary["steps"]})
+    dist.all_gather_object(everything, {"digest": digest.hexdigest(), "seen": seen, "steps": summary["steps"],
+                                        "no_sync": no_sync[0]})
     if dist.get_rank() == 0:
         with open(sys.argv[2], "w") as f:
             json.dump(everything, f)
@@ -145,10 +158,11 @@ if __name__ == "__main__":
 
 def test_ddp_on_two_cpu_processes_reads_every_sequence_once_and_keeps_parameters_in_sync(tiny_teacher, tiny_cache,
                                                                                          tmp_path):
-    steps = EpochReader(tiny_cache, "train", LoaderSettings(batch_size=2, shuffle_blocks=8), 0, 2).steps_per_epoch(0)
+    micro = EpochReader(tiny_cache, "train", LoaderSettings(batch_size=2, shuffle_blocks=8), 0, 2).steps_per_epoch(0)
+    steps = (micro + 1) // 2  # two micro-batches per step: gradients are all-reduced on the second only (no_sync)
     # A feature phase then a KD phase: parameters that get no gradient in a step must not stall DDP.
     config = {"cache": tiny_cache, "out": str(tmp_path / "out"), "student_layers": 2, "init_from_teacher": str(tiny_teacher),
-              "steps": steps, "batch_size": 2, "shuffle_blocks": 8, "num_workers": 0, "checkpoint_every": 0,
+              "steps": steps, "batch_size": 2, "grad_accum": 2, "shuffle_blocks": 8, "num_workers": 0, "checkpoint_every": 0,
               "progress": False, "layer_map": "uniform", "lr": 1e-3,
               "phases": [{"name": "features", "steps": 2, "kd_weight": 0, "hidden_weight": 1},
                          {"name": "soft", "steps": steps, "hidden_weight": 0}]}
@@ -160,6 +174,7 @@ def test_ddp_on_two_cpu_processes_reads_every_sequence_once_and_keeps_parameters
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert [r["steps"] for r in ranks] == [steps, steps]
+    assert [r["no_sync"] for r in ranks] == [steps, steps], "micro-batches before the last one all-reduced gradients"
     assert ranks[0]["digest"] == ranks[1]["digest"], "the ranks' parameters drifted apart"
     read = sorted((doc, bytes.fromhex(ids)) for r in ranks for epoch, doc, ids in r["seen"] if epoch == 0)
     assert read == split_sequences(tiny_cache, "train"), "one epoch did not read every sequence exactly once"
