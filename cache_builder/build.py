@@ -192,7 +192,10 @@ def run_build(s: BuildSettings) -> Manifest:
         from cache_builder import teacher_vllm as backend
     else:
         from cache_builder import teacher_hf as backend
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    except (OSError, ValueError) as e:  # e.g. custom tokenizer code without --trust-remote-code
+        raise BuildError(f"teacher {path!r}: its tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
     tok_info = tokenizer_info(tokenizer)
     teacher_info = backend.describe_teacher(path, name, s)
     if s.top_k > tok_info["vocab_size"]:

@@ -43,9 +43,10 @@ def load_student(path: str, dtype: str = "float32"):
     if not (folder / "config.json").exists():
         raise StudentError(f"student {path!r}: no config.json; give a Hugging Face model folder")
     try:
+        # trust_remote_code=False, not left to transformers' default: that one asks on a terminal instead of refusing.
         with quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise StudentError(f"student {path!r}: cannot be loaded ({str(e).splitlines()[0]})") from None
     return model, tokenizer
@@ -63,11 +64,14 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
 
     if not (Path(teacher_dir) / "config.json").exists():
         raise StudentError(f"--init-from-teacher {str(teacher_dir)!r}: no config.json; give the teacher's Hugging Face folder")
-    config = AutoConfig.from_pretrained(teacher_dir)
+    try:
+        config = AutoConfig.from_pretrained(teacher_dir, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise StudentError(f"--init-from-teacher {str(teacher_dir)!r}: cannot be read ({str(e).splitlines()[0]})") from None
     n_teacher = config.num_hidden_layers
     if not 1 <= layers <= n_teacher:
         raise StudentError(f"--student-layers must be in [1, {n_teacher}] for this teacher, got {layers}")
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=False)
     same_width = hidden is None or hidden == config.hidden_size
     config.num_hidden_layers = layers
     if not same_width:
@@ -88,7 +92,7 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
     student = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     if same_width:
         with quiet_loading():
-            teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype))
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype), trust_remote_code=False)
         t_sd = teacher.state_dict()
         picked = uniform_layers(n_teacher, layers)
         new_sd = {}
