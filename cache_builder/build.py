@@ -278,6 +278,8 @@ def run_build(s: BuildSettings) -> Manifest:
     print(f"kdcache build: {totals['tokens']} tokens in {totals['shards']} shards, "
           f"{totals['bytes'] / max(1, totals['tokens']):.1f} B/token; this run {done_tokens} tokens in "
           f"{elapsed:.1f} s ({done_tokens / max(elapsed, 1e-9):.0f} tok/s) -> {s.out}")
+    if stats.windowed_documents:
+        print(f"kdcache build: {stats.windowed_documents} document(s) longer than --seq-len {s.seq_len} were split into windows")
     if stats.skipped_records:
         print(f"kdcache build: skipped {stats.skipped_records} malformed record(s) (--skip-bad-records)")
     return final

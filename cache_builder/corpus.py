@@ -293,9 +293,11 @@ def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator
                     raise BuildError(f"{path}:{lineno}: not valid UTF-8 (byte offset {start + e.start}: "
                                      f"{e.reason})") from None
                 try:
-                    record = json.loads(text)
+                    # without its line break: a line cut inside a string then reads "Unterminated string"
+                    record = json.loads(text.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    raise BuildError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    reason = e.msg.removesuffix(" at")  # some messages end in "at", meant to be followed by the place
+                    raise BuildError(f"{path}:{lineno}: malformed JSON ({reason} at column {e.colno})") from None
                 yield _document(record, str(path), lineno - 1, f"{path}:{lineno}", opts)
             except BuildError:
                 if not opts.skip_bad_records:

@@ -214,7 +214,9 @@ class CacheWriter:
         try:
             write_manifest(self.root, self.manifest)
         except OSError as e:
-            self.manifest.shards.pop()  # not named by the manifest on disk, so not part of the cache
+            self.manifest.shards.pop()  # not named by the manifest on disk, so not part of the cache:
+            with contextlib.suppress(OSError):  # removed, so the folder holds only what the manifest names
+                _remove(final)
             raise CacheError(f"{self.root / MANIFEST_NAME}: could not publish shard {rel} ({e.strerror or e})") from None
         return entry
 
