@@ -9,17 +9,16 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
-from bad_input_cases import CASES, Case, prepare, run_case  # noqa: E402
+from bad_input_cases import CASES, Case, Outcome, prepare, run_cases  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict[str, str]:
-    return prepare(tmp_path_factory.mktemp("bad-input"))
+def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+    root = tmp_path_factory.mktemp("bad-input")
+    return {o.case.name: o for o in run_cases(CASES, prepare(root / "fixtures"), root)}
 
 
 def test_the_table_covers_every_case_the_issue_lists():
@@ -33,8 +32,8 @@ def test_the_table_covers_every_case_the_issue_lists():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gives_one_clear_error_and_publishes_nothing(case: Case, paths, tmp_path: Path):
-    outcome = run_case(case, paths, tmp_path)
+def test_bad_input_gives_one_clear_error_and_publishes_nothing(case: Case, outcomes):
+    outcome = outcomes[case.name]
     assert outcome.as_specified, f"{case.name}: {outcome.problem}"
     if not case.succeed:
         assert outcome.returncode == 2  # a KdError, not a crash
