@@ -171,7 +171,7 @@ class Outcome:
 # `formats.cli.main` in a process of its own, with its stdout and stderr captured at the file descriptors (so
 # whatever a library prints is seen), but pays ~4 s of imports once instead of twenty times.
 DRIVER = """
-import json, os, sys
+import json, os, sys, traceback
 import torch, transformers  # noqa: F401  (imported once, shared by every forked case)
 import cache_builder.build, student_trainer.evaluate, student_trainer.train  # noqa: F401
 from formats.cli import main
@@ -185,6 +185,9 @@ for job in json.loads(sys.stdin.read()):
             rc = main(job["argv"])
         except SystemExit as e:  # argparse usage errors
             rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # a crash: its traceback is the case's stderr, as in a process of its own
+            traceback.print_exc()
+            rc = 1
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
@@ -194,26 +197,39 @@ for job in json.loads(sys.stdin.read()):
 """
 
 
-def run_cases(cases: list[Case], paths: dict[str, str], root: Path) -> list[Outcome]:
-    """Run every case, each in its own process (see DRIVER) and its own folder root/case-NN (--out is .../out)."""
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_forked(argvs: list[list[str]], root: Path) -> list[Run]:
+    """Run `kdcache ARGV` for each argv, each in a process of its own (see DRIVER); output files go in root/run-NN."""
     jobs = []
-    for i, case in enumerate(cases):
-        workdir = root / f"case-{i:02d}"
-        workdir.mkdir(parents=True)
-        jobs.append({"argv": [a.format(out=workdir / "out", **paths) for a in case.argv],
-                     **{k: str(workdir / k) for k in ("stdout", "stderr", "returncode")}})
+    for i, argv in enumerate(argvs):
+        folder = root / f"run-{i:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append({"argv": argv, **{k: str(folder / k) for k in ("stdout", "stderr", "returncode")}})
     proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(jobs), capture_output=True, text=True,
                           timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     if proc.returncode != 0:
-        raise RuntimeError(f"the case driver failed: {proc.stderr[-2000:]}")
-    return [_judge(case, job, root / f"case-{i:02d}" / "out") for i, (case, job) in enumerate(zip(cases, jobs))]
+        raise RuntimeError(f"the kdcache driver failed: {proc.stderr[-2000:]}")
+    return [Run(int(Path(j["returncode"]).read_text()), Path(j["stdout"]).read_text(), Path(j["stderr"]).read_text())
+            for j in jobs]
 
 
-def _judge(case: Case, job: dict, out: Path) -> Outcome:
-    returncode = int(Path(job["returncode"]).read_text())
-    stdout, stderr = Path(job["stdout"]).read_text(), Path(job["stderr"]).read_text()
+def run_cases(cases: list[Case], paths: dict[str, str], root: Path) -> list[Outcome]:
+    """Run every case in its own process and folder root/case-NN (its --out is root/case-NN/out)."""
+    outs = [root / f"case-{i:02d}" / "out" for i in range(len(cases))]
+    argvs = [[a.format(out=out, **paths) for a in case.argv] for case, out in zip(cases, outs)]
+    runs = run_forked(argvs, root)
+    return [_judge(case, argv[0], run, out) for case, argv, run, out in zip(cases, argvs, runs, outs)]
+
+
+def _judge(case: Case, command: str, run: Run, out: Path) -> Outcome:
+    returncode, stdout, stderr = run.returncode, run.stdout, run.stderr
     lines = stderr.strip().splitlines()
-    command = job["argv"][0]
     problem = ""
     if case.succeed:
         if returncode != 0:

@@ -13,20 +13,19 @@ name is most likely data someone copied in by hand, which training would silentl
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the forking kdcache runner lives beside the bad-input table
+from bad_input_cases import Run, run_forked  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 SHARD = "shards/train-00001.parquet"
-
-
-def kdcache(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "formats.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def recount(m: dict) -> None:
@@ -76,41 +75,46 @@ DAMAGE = {
 }
 
 
-@pytest.fixture
-def damaged(request, tiny_cache, tmp_path) -> tuple[Path, list[str], str]:
-    damage, extra, message = DAMAGE[request.param]
-    cache = Path(shutil.copytree(tiny_cache, tmp_path / "cache"))
-    assert (cache / SHARD).exists(), "the tiny cache has fewer train shards than this test damages"
-    damage(cache)
-    return cache, extra, message
+@pytest.fixture(scope="module")
+def refusals(tiny_cache, tiny_teacher, tmp_path_factory) -> dict[tuple[str, str], tuple[Run, Path]]:
+    """(case, command) -> the run of `kdcache train` / `kdcache eval` on a copy of the tiny cache with that damage,
+    and the training run's --out. All runs share one driver process (a forked process each)."""
+    root = tmp_path_factory.mktemp("damaged")
+    argvs, keys = [], []
+    for i, (case, (damage, extra, _)) in enumerate(DAMAGE.items()):
+        cache = Path(shutil.copytree(tiny_cache, root / f"cache-{i}"))
+        assert (cache / SHARD).exists(), "the tiny cache has fewer train shards than this test damages"
+        damage(cache)
+        out = root / f"run-out-{i}"
+        argvs.append(["train", "--cache", str(cache), "--out", str(out), "--student-layers", "1", "--init-from-teacher",
+                      str(tiny_teacher), "--steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress",
+                      *extra])
+        argvs.append(["eval", "--student", str(tiny_teacher), "--cache", str(cache), "--split", "train", "--json", *extra])
+        keys += [(case, "train", out), (case, "eval", None)]
+    runs = run_forked(argvs, root / "runs")
+    return {(case, command): (run, out) for (case, command, out), run in zip(keys, runs)}
 
 
-def assert_refused(proc: subprocess.CompletedProcess, command: str, message: str, out: Path | None = None) -> None:
-    import re
-
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr[-2000:]
+def assert_refused(run: Run, command: str, message: str, out: Path | None) -> None:
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr[-2000:]
     assert lines[0].startswith(f"kdcache {command}: error:") and re.search(message, lines[0]), lines[0]
+    assert run.stdout == ""
     if out is not None:
         assert not out.exists(), "a refused run must not start writing its output"
 
 
-@pytest.mark.parametrize("damaged", list(DAMAGE), indirect=True)
-def test_train_refuses_a_damaged_cache_at_start_naming_the_shard(damaged, tiny_teacher, tmp_path):
-    cache, extra, message = damaged
-    out = tmp_path / "run"
-    proc = kdcache("train", "--cache", str(cache), "--out", str(out), "--student-layers", "1", "--init-from-teacher",
-                   str(tiny_teacher), "--steps", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress", *extra)
-    assert_refused(proc, "train", message, out)
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_train_refuses_a_damaged_cache_at_start_naming_the_shard(refusals, case):
+    run, out = refusals[(case, "train")]
+    assert_refused(run, "train", DAMAGE[case][2], out)
 
 
-@pytest.mark.parametrize("damaged", list(DAMAGE), indirect=True)
-def test_eval_refuses_a_damaged_cache_at_start_naming_the_shard(damaged, tiny_teacher):
-    cache, extra, message = damaged
-    proc = kdcache("eval", "--student", str(tiny_teacher), "--cache", str(cache), "--split", "train", "--json", *extra)
-    assert_refused(proc, "eval", message)
-    assert proc.stdout == ""
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_eval_refuses_a_damaged_cache_at_start_naming_the_shard(refusals, case):
+    run, _ = refusals[(case, "eval")]
+    assert_refused(run, "eval", DAMAGE[case][2], None)
 
 
 def test_verify_reports_every_kind_of_damage_the_trainer_refuses(tiny_cache, tmp_path):
