@@ -52,12 +52,19 @@ def _column(block: SeqBlock, name: str, spec: FieldSpec) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values)
 
 
-def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec]) -> None:
-    """Write `block` as one Parquet file at `path` (the caller publishes it atomically)."""
+COMPRESSIONS = ("zstd", "none")
+
+
+def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression: str = "zstd") -> None:
+    """Write `block` as one Parquet file at `path` (the caller publishes it atomically).
+
+    `compression` "none" exists to measure what zstd saves (benchmarks/storage.py); caches are written with
+    zstd (SPEC.md). Readers need no setting: Parquet records each column chunk's codec."""
+    if compression not in COMPRESSIONS:
+        raise CacheError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     schema = arrow_schema(fields)
-    with pq.ParquetWriter(
-        path, schema, compression="zstd", compression_level=3, use_dictionary=False, write_statistics=False
-    ) as writer:
+    codec = {"compression": "zstd", "compression_level": 3} if compression == "zstd" else {"compression": "none"}
+    with pq.ParquetWriter(path, schema, use_dictionary=False, write_statistics=False, **codec) as writer:
         for start, stop in _row_groups(block.offsets):
             part = block.slice(start, stop)
             writer.write_table(pa.Table.from_arrays([_column(part, n, s) for n, s in fields.items()], schema=schema))
@@ -116,6 +123,133 @@ def _block_from_table(table: pa.Table, fields: dict[str, FieldSpec], where: str)
     return block
 
 
+
+# ------------------------------------------------------------------------------------------- direct page reads
+#
+# Arrow decodes a `list<fixed_size_list<T, n>>` column value by value through repetition and definition
+# levels: about 0.1-0.2 GB/s here, 3-5x slower than the zstd underneath (benchmarks/loader.py; FACTS.md saw
+# the same). kdcache's writer makes these columns one way only (data pages v1, PLAIN values, no nulls), so
+# for them the pages are read directly: page header, zstd, skip the two level runs, view the values. Any
+# page that is not exactly that, and any error, sends the column back to Arrow, which has the last word.
+
+
+class _NotDirect(Exception):
+    """This column chunk is not in the layout the direct path reads; Arrow reads it."""
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, pos
+        shift += 7
+
+
+def _thrift_skip(buf, pos: int, ttype: int) -> int:
+    """Skip one Thrift compact-protocol value of type `ttype` at `pos`."""
+    if ttype in (1, 2):  # booleans live in the field header
+        return pos
+    if ttype == 3:
+        return pos + 1
+    if ttype in (4, 5, 6):
+        return _varint(buf, pos)[1]
+    if ttype == 7:
+        return pos + 8
+    if ttype == 8:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if ttype in (9, 10):
+        head = buf[pos]
+        size, etype = head >> 4, head & 0x0F
+        pos += 1
+        if size == 15:
+            size, pos = _varint(buf, pos)
+        for _ in range(size):
+            pos = _thrift_skip(buf, pos, etype)
+        return pos
+    if ttype == 12:
+        return thrift_struct(buf, pos)[1]
+    raise _NotDirect(f"thrift type {ttype}")
+
+
+def thrift_struct(buf, pos: int) -> tuple[dict[int, object], int]:
+    """A Thrift compact struct at `pos`: {field id: int value or nested struct dict} (other types skipped)."""
+    got: dict[int, object] = {}
+    last = 0
+    while True:
+        head = buf[pos]
+        pos += 1
+        if head == 0:
+            return got, pos
+        delta, ttype = head >> 4, head & 0x0F
+        if delta:
+            fid = last + delta
+        else:
+            raw, pos = _varint(buf, pos)
+            fid = (raw >> 1) ^ -(raw & 1)
+        last = fid
+        if ttype in (4, 5, 6):
+            raw, pos = _varint(buf, pos)
+            got[fid] = (raw >> 1) ^ -(raw & 1)
+        elif ttype == 12:
+            got[fid], pos = thrift_struct(buf, pos)
+        else:
+            pos = _thrift_skip(buf, pos, ttype)
+
+
+def column_pages(buf, start: int, length: int) -> list[dict]:
+    """Headers of the pages of one column chunk: {type, uncompressed, compressed, body (offset), header}."""
+    pages, pos, end = [], start, start + length
+    while pos < end:
+        head, body = thrift_struct(buf, pos)
+        pages.append({"type": head.get(1), "uncompressed": head.get(2), "compressed": head.get(3), "body": body,
+                      "header": head})
+        pos = body + head.get(3, 0)
+    if pos != end:
+        raise _NotDirect("pages overrun the column chunk")
+    return pages
+
+
+# Parquet physical storage of each named dtype as written by Arrow: (physical type, bytes per value).
+_PHYSICAL = {"I32": ("INT32", 4), "I64": ("INT64", 8), "U8": ("INT32", 4), "U16": ("INT32", 4), "BF16": ("INT32", 4),
+             "F32": ("FLOAT", 4), "F16": ("FIXED_LEN_BYTE_ARRAY", 2)}
+_PLAIN_DTYPE = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FLOAT": np.dtype("<f4"),
+                "FIXED_LEN_BYTE_ARRAY": np.dtype("<f2")}
+
+
+def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec) -> np.ndarray:
+    """The values of one list<fixed_size_list> column chunk, straight from its pages (see above)."""
+    chunk = meta.row_group(group).column(col)
+    column = meta.schema.column(col)
+    physical, size = _PHYSICAL[spec.dtype]
+    if column.physical_type != physical or chunk.compression not in ("ZSTD", "UNCOMPRESSED") or \
+            chunk.dictionary_page_offset is not None or not set(chunk.encodings) <= {"PLAIN", "RLE"}:
+        raise _NotDirect("column layout")
+    codec = pa.Codec("zstd") if chunk.compression == "ZSTD" else None
+    parts = []
+    for page in column_pages(memoryview(data).cast("B"), chunk.data_page_offset, chunk.total_compressed_size):
+        dph = page["header"].get(5)
+        if page["type"] != 0 or not isinstance(dph, dict) or dph.get(2) != 0:  # DATA_PAGE v1, PLAIN values
+            raise _NotDirect("page type or encoding")
+        raw = data[page["body"] : page["body"] + page["compressed"]]
+        body = codec.decompress(raw, decompressed_size=page["uncompressed"]) if codec else raw
+        view = memoryview(body)
+        pos = 0
+        for levels in (column.max_repetition_level, column.max_definition_level):
+            if levels:  # v1 level runs: a 4-byte little-endian length, then the RLE/bit-packed run
+                pos += 4 + int.from_bytes(view[pos : pos + 4], "little")
+        n = dph[1]
+        if len(view) - pos != n * size:  # nulls or empty lists would leave fewer values than levels
+            raise _NotDirect("value count")
+        parts.append(np.frombuffer(view, _PLAIN_DTYPE[physical], count=n, offset=pos))
+    values = np.concatenate(parts) if len(parts) != 1 else parts[0]
+    return values if values.dtype == spec.np_dtype else values.astype(spec.np_dtype) if spec.dtype in ("U8", "U16", "BF16") \
+        else values.view(spec.np_dtype)
+
+
 class ParquetShard:
     """Reads one Parquet shard: whole, by row group, or a range of sequences."""
 
@@ -132,6 +266,18 @@ class ParquetShard:
         kv = self.file.schema_arrow.metadata or {}
         if kv.get(b"kdcache.format") != FORMAT_NAME.encode():
             raise CacheError(f"{where}: not a kdcache shard (no kdcache.format in its metadata)")
+        # Columns the direct page path may read: local files, fixed-width token fields whose Arrow type is
+        # the one the spec names (the leaf column then holds their values in order).
+        self.path = source if isinstance(source, str) else None
+        self.direct: dict[str, int] = {}
+        if self.path is not None:
+            schema = self.file.schema_arrow
+            leaves = {meta.schema.column(c).path.split(".")[0]: c for c in range(meta.num_columns)}
+            for name, spec in fields.items():
+                if (spec.per == "token" and spec.shape and name in leaves and name in schema.names
+                        and schema.field(name).type == arrow_type(spec)):
+                    self.direct[name] = leaves[name]
+        self._data = None
 
     @property
     def num_sequences(self) -> int:
@@ -147,11 +293,31 @@ class ParquetShard:
         return sum(meta.row_group(g).column(cols[0]).num_values for g in range(meta.num_row_groups))
 
     def _read_group(self, i: int) -> SeqBlock:
+        direct = {}
+        if self.direct:
+            if self._data is None:
+                self._data = pa.memory_map(self.path, "r").read_buffer()  # zero-copy view of the file
+            for name, col in self.direct.items():
+                try:
+                    direct[name] = _direct_column(self._data, self.file.metadata, i, col, self.fields[name])
+                except (_NotDirect, pa.ArrowException, IndexError, ValueError, OSError):
+                    pass  # not the layout this path reads, or damaged: Arrow reads it (and reports damage)
+        rest = [n for n in self.fields if n not in direct]
         try:
-            table = self.file.read_row_group(i)
+            table = self.file.read_row_group(i, columns=rest)
         except (pa.ArrowInvalid, OSError) as e:
             raise CacheError(f"{self.where}: row group {i} is unreadable ({e})") from None
-        return _block_from_table(table, self.fields, f"{self.where} row group {i}")
+        where = f"{self.where} row group {i}"
+        block = _block_from_table(table, {n: self.fields[n] for n in rest}, where)
+        tokens = block.num_tokens
+        for name, values in direct.items():
+            shape = self.fields[name].shape
+            if len(values) != tokens * shape[0]:
+                raise CacheError(f"{where}: column {name!r} holds {len(values)} values, expected {tokens} tokens x {shape[0]}")
+            block.token[name] = values.reshape(tokens, *shape)
+        if direct:  # keep the field order of the manifest, as the Arrow path does
+            block.token = {n: block.token[n] for n in self.fields if n in block.token}
+        return block
 
     def block_ranges(self) -> list[tuple[int, int]]:
         """(first, stop) sequence ranges of the read units (row groups), in order."""

@@ -21,7 +21,11 @@ _ZARR_DTYPE = {"I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16",
                "F32": "float32", "F16": "float16", "BF16": "uint16"}
 
 
-def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dict | None = None) -> None:
+COMPRESSIONS = ("zstd", "none")
+
+
+def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dict | None = None,
+            compression: str = "zstd") -> None:
     from zarr.codecs import ZstdCodec
 
     rows = max(1, min(chunk_rows, len(data)))
@@ -29,15 +33,21 @@ def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dic
     shard = (max(rows, -(-len(data) // rows) * rows), *data.shape[1:])
     arr = group.create_array(
         name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shard,
-        compressors=ZstdCodec(level=3), fill_value=0, attributes=attributes or {},
+        compressors=ZstdCodec(level=3) if compression == "zstd" else None, fill_value=0, attributes=attributes or {},
     )
     if data.size:
         arr[...] = data
 
 
-def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec]) -> None:
-    """Write `block` as a Zarr v3 group at directory `path` (the caller publishes it atomically)."""
+def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression: str = "zstd") -> None:
+    """Write `block` as a Zarr v3 group at directory `path` (the caller publishes it atomically).
+
+    `compression` "none" exists to measure what zstd saves (benchmarks/storage.py); caches are written with
+    zstd (SPEC.md). Readers need no setting: each array's metadata names its codecs."""
     import zarr
+
+    if compression not in COMPRESSIONS:
+        raise CacheError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
 
     attrs = {
         "kdcache.format": FORMAT_NAME,
@@ -45,7 +55,8 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec]) -> None:
         "kdcache.fields": {n: s.to_json() for n, s in fields.items()},
     }
     group = zarr.create_group(zarr.storage.LocalStore(str(path)), zarr_format=3, attributes=attrs)
-    _create(group, "seq_offsets", np.ascontiguousarray(block.offsets - block.offsets[0], dtype="<i8"), 1 << 20)
+    _create(group, "seq_offsets", np.ascontiguousarray(block.offsets - block.offsets[0], dtype="<i8"), 1 << 20,
+            compression=compression)
     hidden = None
     for name, spec in fields.items():
         data = (block.token if spec.per == "token" else block.sequence)[name]
@@ -56,7 +67,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec]) -> None:
             target, leaf = hidden, name.split("/", 1)[1]
         # Chunk by bytes, not rows, so wide hidden rows do not make huge chunks.
         row_bytes = max(1, data[:1].nbytes)
-        _create(target, leaf, data, max(1, min(CHUNK_TOKENS, (4 << 20) // row_bytes)), attributes)
+        _create(target, leaf, data, max(1, min(CHUNK_TOKENS, (4 << 20) // row_bytes)), attributes, compression)
 
 
 class ZarrShard:
@@ -79,6 +90,7 @@ class ZarrShard:
         for name, spec in fields.items():
             rows = tokens if spec.per == "token" else sequences
             self.arrays[name] = self._array(name, (rows, *spec.shape), spec.dtype)
+        self.direct = _direct_readers(store, self.arrays)
         self.offsets = self._read("seq_offsets", slice(None))
         if self.offsets[0] != 0 or self.offsets[-1] != tokens or np.any(np.diff(self.offsets) < 0):
             raise CacheError(f"{where}: seq_offsets do not cut {tokens} tokens into sequences")
@@ -95,7 +107,10 @@ class ZarrShard:
         return arr
 
     def _read(self, name: str, rows: slice) -> np.ndarray:
+        direct = self.direct.get(name)
         try:
+            if direct is not None:
+                return direct.read(rows.start or 0, self.arrays[name].shape[0] if rows.stop is None else rows.stop)
             return np.asarray(self.arrays[name][rows])
         except (ValueError, RuntimeError, OSError) as e:
             raise CacheError(f"{self.where}: array {name!r} is unreadable ({type(e).__name__}: {e})") from None
@@ -134,3 +149,115 @@ class ZarrShard:
     def iter_blocks(self, block_tokens: int = CHUNK_TOKENS * 4) -> Iterator[SeqBlock]:
         for start, stop in self.block_ranges(block_tokens):
             yield self.read_range(start, stop)
+
+
+class _DirectArray:
+    """Rows of one array read straight from its shard file: the shard index, then zstd per inner chunk.
+
+    zarr-python reaches each chunk through its asyncio event loop and codec pipeline, which costs ~1-2 ms
+    per read and decodes at a fraction of zstd's speed (benchmarks/loader.py: 2 s per million tokens for a
+    top-k cache whose bytes decompress in 0.5 s). kdcache's writer makes one layout only (one shard file per
+    array, inner chunks of whole rows, bytes+zstd inside, index at the end with a crc32c), so that layout is
+    read here directly; anything else is left to zarr (`_direct_readers` checks the metadata first).
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, chunks: int,
+                 compressed: bool, fill_value):
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.chunk_rows, self.chunks, self.compressed, self.fill_value = chunk_rows, chunks, compressed, fill_value
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._index = None
+
+    def index(self, f) -> np.ndarray:
+        """(chunks, 2) uint64 (offset, nbytes) of the inner chunks; checked against its crc32c."""
+        if self._index is None:
+            import google_crc32c
+
+            size = self.chunks * 16
+            f.seek(0, 2)
+            file_size = f.tell()
+            if file_size < size + 4:
+                raise ValueError(f"shard file of {file_size} bytes is shorter than its index")
+            f.seek(file_size - size - 4)
+            raw = f.read(size + 4)
+            if np.uint32(google_crc32c.value(raw[:size])).tobytes() != raw[size:]:
+                raise ValueError("shard index checksum mismatch")
+            index = np.frombuffer(raw[:size], "<u8").reshape(self.chunks, 2)
+            used = index[index[:, 0] != _EMPTY]
+            if np.any(used[:, 0] + used[:, 1] > file_size - size - 4):
+                raise ValueError("shard index points past the data")
+            self._index = index
+        return self._index
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        from numcodecs import Zstd
+
+        hi = min(hi, self.shape[0])
+        out = np.empty((max(hi - lo, 0), *self.shape[1:]), self.dtype)
+        if hi <= lo:
+            return out
+        flat = out.reshape(len(out), -1).view(np.uint8).reshape(-1)  # row-major bytes of `out`
+        zstd = Zstd()
+        with open(self.path, "rb") as f:
+            index = self.index(f)
+            for c in range(lo // self.chunk_rows, (hi - 1) // self.chunk_rows + 1):
+                c_lo, c_hi = c * self.chunk_rows, (c + 1) * self.chunk_rows
+                a, b = max(lo, c_lo), min(hi, c_hi)
+                dst = flat[(a - lo) * self.row_bytes : (b - lo) * self.row_bytes]
+                offset, nbytes = (int(v) for v in index[c])
+                if offset == _EMPTY:  # an all-fill chunk is not written
+                    out[a - lo : b - lo] = self.fill_value
+                    continue
+                f.seek(offset)
+                data = f.read(nbytes)
+                if len(data) != nbytes:
+                    raise ValueError(f"chunk {c} is cut short")
+                if not self.compressed:
+                    raw = np.frombuffer(data, np.uint8)
+                elif a == c_lo and b == c_hi:
+                    zstd.decode(data, out=dst)  # whole chunk wanted: decompress straight into the result
+                    continue
+                else:
+                    raw = np.frombuffer(zstd.decode(data), np.uint8)
+                if len(raw) != self.chunk_rows * self.row_bytes:
+                    raise ValueError(f"chunk {c} holds {len(raw)} bytes, expected {self.chunk_rows * self.row_bytes}")
+                dst[:] = raw[(a - c_lo) * self.row_bytes : (b - c_lo) * self.row_bytes]
+        return out
+
+
+_EMPTY = 2**64 - 1
+
+
+def _direct_readers(store, arrays: dict) -> dict[str, _DirectArray]:
+    """Direct readers for the arrays whose metadata is exactly the layout `write` makes, on a local store."""
+    import os
+
+    root = getattr(store, "root", None)
+    if root is None or type(store).__name__ != "LocalStore":
+        return {}
+    out = {}
+    for name, arr in arrays.items():
+        meta = arr.metadata.to_dict()
+        codecs = meta.get("codecs", [])
+        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            continue
+        conf = codecs[0]["configuration"]
+        inner = [c.get("name") for c in conf["codecs"]]
+        endian = conf["codecs"][0].get("configuration", {}).get("endian")
+        little = endian == "little" or (endian is None and np.dtype(arr.dtype).itemsize == 1)  # 1-byte types name none
+        zstd_ok = inner == ["bytes"] or (inner == ["bytes", "zstd"] and not conf["codecs"][1]["configuration"].get("checksum"))
+        index_ok = [c.get("name") for c in conf["index_codecs"]] == ["bytes", "crc32c"] and conf["index_location"] == "end"
+        shape = tuple(meta["shape"])
+        shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        chunk = tuple(conf["chunk_shape"])
+        key = meta["chunk_key_encoding"]
+        if not (little and zstd_ok and index_ok and key["name"] == "default" and key["configuration"]["separator"] == "/"
+                and shape and shape[0] <= shard[0] and shard[1:] == shape[1:] and chunk[1:] == shape[1:]
+                and shard[0] % chunk[0] == 0 and not meta.get("storage_transformers")):
+            continue
+        path = os.path.join(str(root), *name.split("/"), "c", *["0"] * len(shape))
+        if not os.path.isfile(path):
+            continue  # nothing written (an empty array): zarr returns the fill value
+        out[name] = _DirectArray(path, shape, np.dtype(arr.dtype).newbyteorder("<"), chunk[0], shard[0] // chunk[0],
+                                 inner == ["bytes", "zstd"], meta["fill_value"])
+    return out
