@@ -454,40 +454,48 @@ def kd_loss(
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """loss_sum(hidden @ weight[:vocab].T) computed `chunk` rows at a time; backward recomputes each chunk's
-    logits and accumulates the gradients of hidden (N, H) and weight (V, H) in place."""
+    """loss_sum(hidden @ weight[:vocab].T) computed `chunk` rows at a time.
+
+    When gradients are needed, forward also takes each chunk's gradient w.r.t. its logits (autograd on the
+    chunk alone) and folds it into grad hidden (N, H) and grad weight (V, H) right away; backward only scales
+    them by the incoming gradient. So each chunk's logits are computed once, as in an unchunked loss (three
+    matmuls per chunk: logits, grad hidden, grad weight), instead of being recomputed in backward.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, loss_sum, fields, vocab, chunk):
         w = weight[:vocab]  # (V, H)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_h else None  # (N, H)
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None  # (V_full, H)
         for s in range(0, hidden.shape[0], chunk):
             sl = slice(s, s + chunk)
-            total += loss_sum(_upcast(hidden[sl] @ w.T), fields, sl)  # chunk logits (n, V)
-        ctx.save_for_backward(hidden, weight)
-        ctx.loss_sum, ctx.fields, ctx.vocab, ctx.chunk = loss_sum, fields, vocab, chunk
+            if not (need_h or need_w):
+                total += loss_sum(_upcast(hidden[sl] @ w.T), fields, sl)  # chunk logits (n, V)
+                continue
+            with torch.enable_grad():
+                z = _upcast(hidden[sl] @ w.T).detach().requires_grad_()  # (n, V)
+                part = loss_sum(z, fields, sl)
+                (grad_z,) = torch.autograd.grad(part, z)
+            total += part.detach()
+            grad_z = grad_z.to(hidden.dtype)  # (n, V)
+            if need_h:
+                grad_h[sl] = grad_z @ w
+            if need_w:
+                grad_w[:vocab].addmm_(grad_z.T.to(acc_dtype), hidden[sl].to(acc_dtype))
+            del z, grad_z, part
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight = ctx.saved_tensors
-        w = weight[: ctx.vocab]  # (V, H)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if need_h else None  # (N, H)
-        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None  # (V_full, H)
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            sl = slice(s, s + ctx.chunk)
-            with torch.enable_grad():
-                z = _upcast(hidden[sl] @ w.T).detach().requires_grad_()  # (n, V), recomputed
-                (grad_z,) = torch.autograd.grad(ctx.loss_sum(z, ctx.fields, sl), z)
-            grad_z = (grad_z * grad_total).to(hidden.dtype)  # (n, V)
-            if need_h:
-                grad_h[sl] = grad_z @ w
-            if need_w:
-                grad_w[: ctx.vocab].addmm_(grad_z.T.to(acc_dtype), hidden[sl].to(acc_dtype))
-            del z, grad_z
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None
 
 
 def chunked_kd_loss(
@@ -508,8 +516,9 @@ def chunked_kd_loss(
 
     hidden (B, T, H): the student's final hidden states (after its final norm); lm_head_weight (V, H): its output
     embedding (no bias, as in Llama/Qwen). Logits are computed for `chunk_tokens` positions of the flattened
-    B*T at a time (the last chunk may be shorter); backward recomputes them chunk by chunk, takes the gradient
-    of the loss w.r.t. that chunk's logits with autograd and accumulates grad_hidden and grad_weight in place.
+    B*T at a time (the last chunk may be shorter); when gradients are needed, the gradient of the loss w.r.t.
+    that chunk's logits is taken with autograd there and then, and folded into grad_hidden and grad_weight, which
+    backward only scales (no recompute: the same matmul count as an unchunked loss).
     Peak memory beyond inputs and gradients is a few (chunk_tokens, V) float32 buffers: about
     6 * chunk_tokens * V * 4 bytes (0.45 GB for 128 tokens at V = 152064;
     benchmarks/loss_memory.py measures it). Same value, same gradients as
