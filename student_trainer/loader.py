@@ -318,6 +318,20 @@ class WindowTask:
 
 
 _OPEN: dict[str, Cache] = {}
+# Shard readers kept across windows (per process): opening one parses a Parquet footer or a Zarr group's
+# metadata and index, ~10-20 ms, which per 16k-token window is a fair part of the read. Bounded, oldest out.
+_READERS: dict[tuple[str, str, int], object] = {}
+_MAX_READERS = 64
+
+
+def _reader(cache: Cache, url: str, split: str, shard: int):
+    key = (url, split, shard)
+    reader = _READERS.get(key)
+    if reader is None:
+        if len(_READERS) >= _MAX_READERS:
+            del _READERS[next(iter(_READERS))]
+        reader = _READERS[key] = cache.open_shard(cache.shards(split)[shard])
+    return reader
 
 
 def read_window(task: WindowTask, in_worker: bool = False) -> PackedBatches:
@@ -326,14 +340,11 @@ def read_window(task: WindowTask, in_worker: bool = False) -> PackedBatches:
     cache = _OPEN.get(task.url)
     if cache is None:
         cache = _OPEN[task.url] = open_cache(task.url, require_complete=True)
-    shards = cache.shards(task.split)
     needed = {b for batch in task.batches for b, _ in batch}
-    readers: dict[int, object] = {}
     data: dict[int, SeqBlock] = {}
     for number, block in zip(task.block_numbers, task.blocks):
         if number in needed:
-            reader = readers.get(block.shard) or readers.setdefault(block.shard, cache.open_shard(shards[block.shard]))
-            data[number] = reader.read_range(block.start, block.stop)
+            data[number] = _reader(cache, task.url, task.split, block.shard).read_range(block.start, block.stop)
     seqs = [[data[b].get(j) for b, j in batch] for batch in task.batches]
     return PackedBatches(seqs, list(task.hidden_layers), task.pad_to, cache.manifest.fields, shared=in_worker)
 
