@@ -108,6 +108,12 @@ class TrainSettings:
                     check_schedule(f"phases[{i}].{name}", phase[name])
 
 
+# transformers.TrainingArguments names people type from habit -> ours.
+HF_NAMES = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
+            "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "output_dir": "out",
+            "gradient_checkpointing": "grad_checkpointing", "logging_steps": "log_every", "save_steps": "checkpoint_every"}
+
+
 def load_settings(config_path: str | None, overrides: dict) -> TrainSettings:
     """Defaults <- YAML config <- command-line overrides; unknown keys and wrong types are errors."""
     values: dict = {}
@@ -125,7 +131,12 @@ def load_settings(config_path: str | None, overrides: dict) -> TrainSettings:
     known = {f.name: f for f in dataclasses.fields(TrainSettings)}
     for key, value in values.items():
         if key not in known:
+            import difflib
+
             close = [k for k in known if k.replace("_", "") == key.replace("_", "").replace("-", "")]
+            close = close or difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+            if not close and key in HF_NAMES:
+                close = [HF_NAMES[key]]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TrainError(f"{config_path or 'settings'}: unknown key {key!r}{hint}")
         default = getattr(TrainSettings(), key)

@@ -52,7 +52,8 @@ def test_yaml_settings_are_read_and_command_line_overrides_win(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("learning_rate: 0.1\n", r"unknown key 'learning_rate'"),
+    ("learning_rate: 0.1\n", r"unknown key 'learning_rate' \(did you mean 'lr'\?\)"),
+    ("temprature: 2.0\n", r"unknown key 'temprature' \(did you mean 'temperature'\?\)"),
     ("batch-size: 4\n", r"unknown key 'batch-size' \(did you mean 'batch_size'\?\)"),
     ("phases: [{steps: 3, kd_wieght: 0}]\n", r"phases\[0\]: unknown keys \['kd_wieght'\]"),
     ("alpha: {kind: linear, start: 1, end: 0, stpes: 5}\n", r"schedule 'alpha' \(linear\): needs keys"),
