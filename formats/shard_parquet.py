@@ -171,12 +171,14 @@ def _thrift_skip(buf, pos: int, ttype: int) -> int:
             pos = _thrift_skip(buf, pos, etype)
         return pos
     if ttype == 12:
-        return thrift_struct(buf, pos)[1]
+        return thrift_struct(buf, pos, 8)[1]  # skipped structs: no deeper nesting is needed
     raise _NotDirect(f"thrift type {ttype}")
 
 
-def thrift_struct(buf, pos: int) -> tuple[dict[int, object], int]:
+def thrift_struct(buf, pos: int, depth: int = 0) -> tuple[dict[int, object], int]:
     """A Thrift compact struct at `pos`: {field id: int value or nested struct dict} (other types skipped)."""
+    if depth > 8:  # page headers nest 2 deep; a crafted file must not exhaust the stack
+        raise _NotDirect("thrift nesting")
     got: dict[int, object] = {}
     last = 0
     while True:
@@ -195,7 +197,7 @@ def thrift_struct(buf, pos: int) -> tuple[dict[int, object], int]:
             raw, pos = _varint(buf, pos)
             got[fid] = (raw >> 1) ^ -(raw & 1)
         elif ttype == 12:
-            got[fid], pos = thrift_struct(buf, pos)
+            got[fid], pos = thrift_struct(buf, pos, depth + 1)
         else:
             pos = _thrift_skip(buf, pos, ttype)
 
@@ -229,11 +231,17 @@ def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec)
             chunk.dictionary_page_offset is not None or not set(chunk.encodings) <= {"PLAIN", "RLE"}:
         raise _NotDirect("column layout")
     codec = pa.Codec("zstd") if chunk.compression == "ZSTD" else None
+    # An untrusted file's page header may claim any decompressed size: never allocate more than the chunk's
+    # values (plus their level runs, at most a few bytes per value) can take.
+    budget = chunk.num_values * (size + 4) + 1024
     parts = []
     for page in column_pages(memoryview(data).cast("B"), chunk.data_page_offset, chunk.total_compressed_size):
         dph = page["header"].get(5)
         if page["type"] != 0 or not isinstance(dph, dict) or dph.get(2) != 0:  # DATA_PAGE v1, PLAIN values
             raise _NotDirect("page type or encoding")
+        if not isinstance(page["uncompressed"], int) or not 0 <= page["uncompressed"] <= budget:
+            raise _NotDirect("page size")
+        budget -= page["uncompressed"]
         raw = data[page["body"] : page["body"] + page["compressed"]]
         body = codec.decompress(raw, decompressed_size=page["uncompressed"]) if codec else raw
         view = memoryview(body)
@@ -300,7 +308,7 @@ class ParquetShard:
             for name, col in self.direct.items():
                 try:
                     direct[name] = _direct_column(self._data, self.file.metadata, i, col, self.fields[name])
-                except (_NotDirect, pa.ArrowException, IndexError, ValueError, OSError):
+                except (_NotDirect, pa.ArrowException, IndexError, ValueError, OSError, RecursionError):
                     pass  # not the layout this path reads, or damaged: Arrow reads it (and reports damage)
         rest = [n for n in self.fields if n not in direct]
         try:

@@ -217,8 +217,9 @@ class _DirectArray:
                 elif a == c_lo and b == c_hi:
                     zstd.decode(data, out=dst)  # whole chunk wanted: decompress straight into the result
                     continue
-                else:
-                    raw = np.frombuffer(zstd.decode(data), np.uint8)
+                else:  # into a chunk-sized buffer: a crafted frame header cannot make us allocate more
+                    raw = np.empty(self.chunk_rows * self.row_bytes, np.uint8)
+                    zstd.decode(data, out=raw)
                 if len(raw) != self.chunk_rows * self.row_bytes:
                     raise ValueError(f"chunk {c} holds {len(raw)} bytes, expected {self.chunk_rows * self.row_bytes}")
                 dst[:] = raw[(a - c_lo) * self.row_bytes : (b - c_lo) * self.row_bytes]
