@@ -486,15 +486,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if need_w:
                 grad_w[:vocab].addmm_(grad_z.T.to(acc_dtype), hidden[sl].to(acc_dtype))
             del z, grad_z, part
-        ctx.save_for_backward(grad_h, grad_w)
+        # Kept on ctx, not saved for backward: they are our own buffers, which backward scales in place and hands
+        # over (a scaled copy would briefly hold a second (V, H) float32 matrix).
+        ctx.grads = (grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else grad_h * grad_total.to(grad_h.dtype)
-        grad_w = None if grad_w is None else (grad_w * grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
+        if ctx.grads is None:
+            raise RuntimeError("chunked_kd_loss: a second backward through the same loss is not supported")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h.mul_(grad_total.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
 
 
