@@ -94,7 +94,7 @@ class QualitySettings:
     lr: float = 1e-3
     warmup_steps: int = 3
     eval_batches: int = 4  # held-out batches of 8 sequences evaluated per student (0: the whole split)
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = tuple(METHODS)
 
     def row_key(self) -> dict:
