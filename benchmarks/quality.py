@@ -322,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    import torch
 
     t0 = time.perf_counter()
     caches = build_caches(s)

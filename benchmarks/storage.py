@@ -293,7 +293,7 @@ def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
               f"{figures['rskd_distinct_ids_max']}) of 50 draws.\n\n")
     cols = figures["rskd_columns"]
     samples = cols["sample_ids"] + cols["sample_counts"]
-    out.write(f"RS-KD mode, Parquet zstd data bytes per token by column: "
+    out.write("RS-KD mode, Parquet zstd data bytes per token by column: "
               + ", ".join(f"{k} {v}" for k, v in cols.items())
               + f". The samples take {samples:.1f} B/token = {samples / figures['rskd_distinct_ids_mean']:.2f} B per "
               f"distinct id (the RS-KD paper counts 3 B per entry); the fields every cache must hold (input_ids, "

@@ -17,9 +17,9 @@ Modes, one optimizer step each:
 - online:     full-logit KD with the teacher in memory (benchmarks/online_kd.py): teacher forward + student.
 Time: modes run interleaved in `--rounds` rounds of `--steps` steps after one warm-up step each, all in one
 process; the figure is the median step time. Memory: each mode runs again in a fresh subprocess (a warm-up
-step, then `--steps` steps), and the figure is its peak resident memory (ru_maxrss) minus the resident memory
-after imports, so it counts weights, optimizer state, activations and, for online KD, the teacher. On CUDA it
-is torch.cuda.max_memory_allocated instead.
+step, then `--steps` steps), and the figure is its peak resident memory (VmHWM, reset once the batches are
+loaded) minus the resident memory at that point, so it counts weights, optimizer state, activations and, for
+online KD, the teacher. On CUDA it is torch.cuda.max_memory_allocated instead.
 
 Last line: JSON with kd_over_ce_rskd, kd_over_ce_topk (step time / ce_plain's), online_over_offline_time and
 online_over_offline_memory (online / kd_topk), plus every mode's figures. Section "Trainer step" of RESULTS.md.
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from loss_memory import rss_bytes  # noqa: E402
 from results import update_results  # noqa: E402
 
 SECTION = "Trainer step"
@@ -136,10 +137,6 @@ def time_modes(args, device: torch.device) -> dict[str, float]:
     return {m: statistics.median(v) for m, v in times.items()}
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def reset_peak_rss() -> None:
     """Linux >= 4.0: writing 5 to clear_refs resets this process's VmHWM (peak resident memory) to now."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -201,7 +198,7 @@ def main() -> None:
         from student_trainer.student import student_from_teacher
 
         args.student = tempfile.mkdtemp(prefix="kdcache-step-student-")
-        student, tokenizer, _ = student_from_teacher(open_cache(args.cache).manifest.teacher["path"], args.layers, seed=0)
+        student, _, _ = student_from_teacher(open_cache(args.cache).manifest.teacher["path"], args.layers, seed=0)
         student.save_pretrained(args.student)
         del student
     seconds = time_modes(args, device)
@@ -211,7 +208,6 @@ def main() -> None:
                "--batch", str(args.batch), "--steps", str(args.steps), "--device", str(device)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         memory[mode] = json.loads(out.strip().splitlines()[-1])["peak_bytes"]
-    tokens = args.batch * args.seq_len
     figures = {
         "kd_over_ce_rskd": round(seconds["kd_rskd"] / seconds["ce_plain"], 3),
         "kd_over_ce_topk": round(seconds["kd_topk"] / seconds["ce_plain"], 3),

@@ -24,33 +24,20 @@ def evaluate(student_dir: str, cache_url: str, split: str = "heldout", batch_siz
     The cache is checked before the student is loaded: its structure always (`Cache.check_structure`), every
     checksum and value invariant with `verify`.
     """
-    from formats.reader import open_cache
     from formats.tokenizer import tokenizer_info
     from student_trainer.loader import EpochReader, LoaderSettings
     from student_trainer.losses import KDConfig, kd_loss
     from student_trainer.student import load_student
-    from student_trainer.train import TrainError
+    from student_trainer.train import TrainError, check_output_rows, open_checked_cache
 
     if batch_size <= 0:
         raise TrainError(f"--batch-size must be positive, got {batch_size}")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    cache = open_cache(cache_url, require_complete=True)
-    cache.check_structure(split)
-    if verify:
-        from formats.verify import verify_cache
-
-        problems = verify_cache(cache_url)
-        if problems:
-            raise TrainError(f"{cache_url}: verify found {len(problems)} problem(s), first: {problems[0]}")
-    m = cache.manifest
-    if not cache.shards(split):
-        raise TrainError(f"{cache_url}: no shards in split {split!r} (splits: {', '.join(m.splits())})")
+    m = open_checked_cache(cache_url, split, verify=verify).manifest
     model, tokenizer = load_student(student_dir)
     if tokenizer_info(tokenizer)["fingerprint"] != m.tokenizer["fingerprint"]:
         raise TrainError(f"student {student_dir!r}: its tokenizer differs from the cache's teacher tokenizer")
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < m.vocab_size:  # the cache's ids would index past the student's logits
-        raise TrainError(f"student {student_dir!r} has {rows} output rows, fewer than the cache's vocabulary ({m.vocab_size})")
+    check_output_rows(model, m.vocab_size, f"student {student_dir!r}")
     model.to(dev).eval()
     reader = EpochReader(cache_url, split, LoaderSettings(batch_size=batch_size, num_workers=0, shuffle_blocks=1 << 30))
     vocab = m.vocab_size

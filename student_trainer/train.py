@@ -207,6 +207,32 @@ def _weights(s: TrainSettings, step: int) -> dict[str, float]:
     return out
 
 
+def open_checked_cache(url: str, split: str, *, verify: bool, require_complete: bool = True, all_splits: bool = False):
+    """The cache at `url`, opened for training or eval: refused, naming the shard, when its structure does not match
+    the manifest (`split` only, or every split), when `verify` finds a bad checksum or value, or when `split` has
+    no shards."""
+    from formats.reader import open_cache
+
+    cache = open_cache(url, require_complete=require_complete)
+    cache.check_structure(None if all_splits else split)
+    if verify:
+        from formats.verify import verify_cache
+
+        problems = verify_cache(url)
+        if problems:
+            raise TrainError(f"{url}: verify found {len(problems)} problem(s), first: {problems[0]}")
+    if not cache.shards(split):
+        raise TrainError(f"{url}: no shards in split {split!r} (splits: {', '.join(cache.manifest.splits())})")
+    return cache
+
+
+def check_output_rows(model: nn.Module, vocab_size: int, who: str) -> None:
+    """The cache's ids index the student's logits: it needs at least `vocab_size` output rows."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise TrainError(f"{who} has {rows} output rows, fewer than the cache's vocabulary ({vocab_size})")
+
+
 def build_student(s: TrainSettings):
     from student_trainer.student import load_student, student_from_teacher
 
@@ -229,7 +255,6 @@ def train(s: TrainSettings) -> dict:
 
     Under torchrun the process group is created here and destroyed at the end, unless the caller created it.
     """
-    from formats.reader import open_cache
     from formats.tokenizer import tokenizer_info
     from student_trainer.loader import EpochReader, LoaderSettings
     from student_trainer.losses import HiddenProjector, KDConfig, parse_layer_map
@@ -247,17 +272,9 @@ def train(s: TrainSettings) -> dict:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             own_group = True
-    cache = open_cache(s.cache, require_complete=not s.allow_incomplete)
-    cache.check_structure()
-    if s.verify:
-        from formats.verify import verify_cache
-
-        problems = verify_cache(s.cache)
-        if problems:
-            raise TrainError(f"{s.cache}: verify found {len(problems)} problem(s), first: {problems[0]}")
+    cache = open_checked_cache(s.cache, s.split, verify=s.verify, require_complete=not s.allow_incomplete,
+                               all_splits=True)
     m = cache.manifest
-    if not cache.shards(s.split):
-        raise TrainError(f"{s.cache}: no shards in split {s.split!r} (splits: {', '.join(m.splits())})")
     if s.kd_kind == "rskd" and m.sample_draws == 0:
         raise TrainError(f"{s.cache}: kd_kind rskd needs RS-KD samples; build the cache with --sample-draws")
 
@@ -269,9 +286,7 @@ def train(s: TrainSettings) -> dict:
         raise TrainError(f"student tokenizer ({tok['class']}, {tok['vocab_size']} tokens, fingerprint {tok['fingerprint'][:12]}) "
                          f"differs from the cache's ({m.tokenizer.get('vocab_size')} tokens, fingerprint "
                          f"{m.tokenizer['fingerprint'][:12]}); distill into a student with the teacher's tokenizer")
-    rows = student.get_output_embeddings().weight.shape[0]
-    if rows < m.vocab_size:
-        raise TrainError(f"student has {rows} output rows, fewer than the cache's vocabulary ({m.vocab_size})")
+    check_output_rows(student, m.vocab_size, "student")
     if s.grad_checkpointing:
         student.gradient_checkpointing_enable()
     if s.lora_rank:
