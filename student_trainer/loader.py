@@ -151,7 +151,8 @@ def _shape_of(seqs: list[dict[str, np.ndarray]], hidden_layers: list[int], pad_t
     t = max(max(len(s["input_ids"]) for s in seqs), pad_to)
     s_n = first["sample_ids"].shape[1] if "sample_ids" in first else 0
     hidden = {layer: first[f"hidden/{layer}"].shape[1] for layer in hidden_layers}
-    return _layout(len(seqs), t, first["topk_ids"].shape[1], s_n, hidden)
+    k = first["topk_ids"].shape[1] if "topk_ids" in first else 0  # 0: a samples-only cache
+    return _layout(len(seqs), t, k, s_n, hidden)
 
 
 def _half_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -183,10 +184,11 @@ def _fill(seqs: list[dict[str, np.ndarray]], out: dict[str, np.ndarray], hidden_
             nxt_ok &= p[1:] != 0  # the first token of the next packed document is not predicted
         out["labels"][r, : n - 1] = np.where(nxt_ok, ids[1:], IGNORE)
         out["labels"][r, max(n - 1, 0):] = IGNORE
-        out["topk_ids"][r, :n] = s["topk_ids"]
-        out["topk_ids"][r, n:] = 0
-        _half_into(out["topk_logprobs"][r, :n], s["topk_logprobs"])
-        out["topk_logprobs"][r, n:] = 0
+        if "topk_ids" in s:  # a samples-only cache (k = 0) has none: its batch holds (B, T, 0) tensors
+            out["topk_ids"][r, :n] = s["topk_ids"]
+            out["topk_ids"][r, n:] = 0
+            _half_into(out["topk_logprobs"][r, :n], s["topk_logprobs"])
+            out["topk_logprobs"][r, n:] = 0
         out["tail_logmass"][r, :n] = s["tail_logmass"]
         out["tail_logmass"][r, n:] = -np.inf
         out["target_logprob"][r, : n - 1] = np.where(nxt_ok, s["target_logprob"][: n - 1], 0.0)
@@ -293,7 +295,7 @@ def _filler_batch(fields: dict[str, FieldSpec], hidden_layers: list[int]) -> Bat
     """One row, one padding token, nothing to learn: keeps a rank with no data in DDP's lock-step. It has
     the cache's k, sample slots and hidden layers, so every loss path (RS-KD, hidden alignment) runs on it."""
     z = torch.zeros(1, 1, dtype=torch.int64)
-    k = fields["topk_ids"].shape[0]
+    k = fields["topk_ids"].shape[0] if "topk_ids" in fields else 0
     s_n = fields["sample_ids"].shape[0] if "sample_ids" in fields else 0
     return Batch(input_ids=z, position_ids=z.clone(), labels=torch.full((1, 1), IGNORE), kd_mask=torch.zeros(1, 1, dtype=torch.bool),
                  topk_ids=torch.zeros(1, 1, k, dtype=torch.int64), topk_logprobs=torch.zeros(1, 1, k),
