@@ -10,11 +10,13 @@ float32, this CPU). From the same logits, every mode's records are made by the b
 only in what they keep.
 
 Modes (every mode also stores input_ids I32, tail_logmass F32, target_logprob F32 and doc_index, as the
-format requires): top-k 12 / 64 / 128 with F16 or BF16 log-probs; `rskd50`: RS-KD with 50 draws (N = 50)
-in 50 slots (the builder's default: never truncates) with U8 counts, next to the smallest top-k the format
-allows (k = 1, F16); `topk64-bf16+hidden`: top-k 64 BF16 plus one BF16 hidden layer (layer 15 of 30, 576
+format requires): top-k 12 / 64 / 128 with F16 or BF16 log-probs; `rskd50`: a samples-only cache (k = 0,
+format 1.1; `kdcache build --top-k 0 --sample-draws 50`): RS-KD with 50 draws (N = 50) in 50 slots (the
+builder's default: never truncates) with U8 counts; `rskd50+top1`: the same samples next to a top-1 entry (F16),
+the smallest top-k format 1.0 allowed; `topk64-bf16+hidden`: top-k 64 BF16 plus one BF16 hidden layer (layer 15 of 30, 576
 wide). Each mode is written as one shard with the Parquet and the Zarr writers, with zstd (level 3, as caches
-are written) and without compression.
+are written: level 3, and level 9 for the RS-KD sample columns; Parquet stores sample_counts
+BYTE_STREAM_SPLIT) and without compression.
 
 Bytes per token: `file` = the shard's bytes on disk / tokens (this small cache pays the fixed metadata once:
 the Parquet footer, Zarr's JSON files); `data` (Parquet) = the column chunks' compressed bytes / tokens, what
@@ -69,7 +71,8 @@ def modes() -> dict[str, dict]:
     for k in (12, 64, 128):
         for dtype in ("F16", "BF16"):
             out[f"topk{k}-{dtype.lower()}"] = {"top_k": k, "dtype": dtype, "draws": 0, "hidden": []}
-    out["rskd50"] = {"top_k": 1, "dtype": "F16", "draws": DRAWS, "hidden": []}
+    out["rskd50"] = {"top_k": 0, "dtype": "F16", "draws": DRAWS, "hidden": []}
+    out["rskd50+top1"] = {"top_k": 1, "dtype": "F16", "draws": DRAWS, "hidden": []}
     out["topk64-bf16+hidden"] = {"top_k": 64, "dtype": "BF16", "draws": 0, "hidden": [HIDDEN_LAYER]}
     return out
 
@@ -221,6 +224,8 @@ def main() -> None:
                 for start in range(0, n, 128):
                     rows = slice(start, min(start + 128, n))
                     for name, m in all_modes.items():
+                        if name == "rskd50+top1":
+                            continue  # the same samples as rskd50: the same reconstruction
                         for kind, qd, kl_q in reconstructions(records[name][-1], m, vocab, rows):
                             fidelity.setdefault((name, kind), Fidelity()).add(logp[rows], qd, log_s[rows], kl_q)
         index_in_split[q.split] += 1
@@ -296,8 +301,11 @@ def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
     out.write("RS-KD mode, Parquet zstd data bytes per token by column: "
               + ", ".join(f"{k} {v}" for k, v in cols.items())
               + f". The samples take {samples:.1f} B/token = {samples / figures['rskd_distinct_ids_mean']:.2f} B per "
-              f"distinct id (the RS-KD paper counts 3 B per entry); the fields every cache must hold (input_ids, "
-              f"top-1 id and log-prob, tail, target) take {sum(cols.values()) - samples:.1f} B.\n\n")
+              f"distinct id (the RS-KD paper counts 3 B per entry); the fields every cache holds (input_ids, target, "
+              f"tail, which is 0 throughout a samples-only cache, doc_index) take {sum(cols.values()) - samples:.1f} B. "
+              f"Next to a top-1 entry, as format 1.0 required (rskd50+top1), the same samples take "
+              f"{figures['sizes']['rskd50+top1']['parquet/zstd']} B/token: the top-1 id and log-prob and a tail that is "
+              "no longer constant cost the difference.\n\n")
     out.write("Published figures for comparison (their own accounting; ours also counts input_ids, target and tail): "
               + "; ".join(f"{k}: ~{v} B/token" for k, v in DISTILLKIT.items()) + ".\n\n")
     out.write("Fidelity on the held-out tokens (p = teacher, q = reconstruction, s = reference student):\n\n")
@@ -315,12 +323,12 @@ def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
     rskd = figures["rskd_bytes_per_token"]
     out.write(f"\n**rskd_bytes_per_token = {rskd}** (Parquet, zstd, file bytes; data bytes "
               f"{figures['rskd_data_bytes_per_token']}); goal <= 40: **{'met' if rskd <= 40 else 'not met'}**.")
+    out.write(f" The samples take {samples:.1f} B/token ({figures['rskd_distinct_ids_mean']} distinct ids x "
+              f"{samples / figures['rskd_distinct_ids_mean']:.2f} B; the paper counts 3 B per entry) and the fields "
+              f"every cache holds {sum(cols.values()) - samples:.1f} B.")
     if rskd > 40:
-        out.write(f" The samples alone take {samples:.1f} B/token ({figures['rskd_distinct_ids_mean']} distinct ids x "
-                  f"{samples / figures['rskd_distinct_ids_mean']:.2f} B, already below the paper's 3 B per entry) and the "
-                  f"fields format v1 requires of every cache add {sum(cols.values()) - samples:.1f} B. This teacher on "
-                  "code draws more distinct ids per position than the paper's ~12; <= 40 B would take fewer draws, "
-                  "or a denser coding of ids (bit-packing, sorted deltas): a format change, not made here.")
+        out.write(" This teacher on code draws more distinct ids per position than the paper's ~12; less would take "
+                  "fewer draws or variable-length sample lists (no padding slots): a format change not made here.")
     out.write("\n")
     update_results("Storage size and fidelity", out.getvalue())
 

@@ -71,8 +71,11 @@ class BuildSettings:
             if getattr(self, name) <= 0:
                 raise BuildError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
-        for name in ("top_k", "seq_len", "max_batch_tokens", "shard_tokens", "num_parts"):
+        for name in ("seq_len", "max_batch_tokens", "shard_tokens", "num_parts"):
             positive(name)
+        if self.top_k < 0 or (self.top_k == 0 and self.sample_draws <= 0):
+            raise BuildError(f"--top-k must be positive, or 0 for a samples-only RS-KD cache with --sample-draws; "
+                             f"got --top-k {self.top_k} with --sample-draws {self.sample_draws}")
         if self.temperature <= 0:
             raise BuildError(f"--temperature must be positive, got {self.temperature}")
         if self.sample_draws < 0 or self.sample_slots < 0:

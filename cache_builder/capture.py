@@ -67,7 +67,7 @@ def capture_rows(
 
     logits: (N, V_model) any float dtype, V_model >= V; next_ids: (N,) int64, -1 where the next token
     is unknown (the last position). Returns, on the logits' device:
-      topk_ids (N, k) int32, topk_logprobs (N, k) in cs.logprob_dtype, tail_logmass (N,) float32,
+      topk_ids (N, k) int32, topk_logprobs (N, k) in cs.logprob_dtype (both absent when k = 0), tail_logmass (N,) float32,
       target_logprob (N,) float32 (NaN where next_ids is -1), and with draws sample_ids (N, S) int32,
       sample_counts (N, S) int32.
     """
@@ -77,18 +77,21 @@ def capture_rows(
         if cs.temperature != 1.0:
             rows = rows / cs.temperature
         logp = torch.log_softmax(rows, dim=-1)  # (n, V) float32
-        top_lp, top_ids = logp.topk(cs.top_k, dim=-1, sorted=True)
         nxt = next_ids[start : start + cs.row_chunk]
         target = logp.gather(1, nxt.clamp(min=0).unsqueeze(1)).squeeze(1)
         target = torch.where(nxt >= 0, target, torch.full_like(target, float("nan")))
-        parts = {
-            "topk_ids": top_ids.int(),
-            "topk_logprobs": top_lp.to(_TORCH_DTYPE[cs.logprob_dtype]),
-            # The mass outside the top k, summed directly: 1 - sum(top-k) cancels catastrophically
-            # in float32 when the top k hold nearly everything.
-            "tail_logmass": torch.logsumexp(logp.scatter(1, top_ids, float("-inf")), dim=-1),
-            "target_logprob": target,
-        }
+        if cs.top_k:
+            top_lp, top_ids = logp.topk(cs.top_k, dim=-1, sorted=True)
+            parts = {
+                "topk_ids": top_ids.int(),
+                "topk_logprobs": top_lp.to(_TORCH_DTYPE[cs.logprob_dtype]),
+                # The mass outside the top k, summed directly: 1 - sum(top-k) cancels catastrophically
+                # in float32 when the top k hold nearly everything.
+                "tail_logmass": torch.logsumexp(logp.scatter(1, top_ids, float("-inf")), dim=-1),
+            }
+        else:  # samples-only cache: everything is "tail", log 1 = 0 by definition (not a rounded logsumexp)
+            parts = {"tail_logmass": torch.zeros_like(target)}
+        parts["target_logprob"] = target
         if cs.sample_draws:
             parts["sample_ids"], parts["sample_counts"] = draw_samples(logp, cs.sample_draws, cs.slots, generator)
         for name, t in parts.items():

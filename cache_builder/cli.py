@@ -20,7 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="cache directory to write (or resume)")
     p.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="teacher runtime")
     p.add_argument("--format", default="parquet", choices=("parquet", "zarr"), help="storage backend of the cache")
-    p.add_argument("--top-k", type=int, default=64, help="top-k log-probs stored per position")
+    p.add_argument("--top-k", type=int, default=64, help="top-k log-probs stored per position (0 with --sample-draws: a samples-only RS-KD cache)")
     p.add_argument("--temperature", type=float, default=1.0, help="capture temperature")
     p.add_argument("--logprob-dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="storage dtype of top-k log-probs")
     p.add_argument("--sample-draws", type=int, default=0, help="RS-KD: draws per position from the teacher distribution (0 = off)")

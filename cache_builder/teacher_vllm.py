@@ -305,7 +305,8 @@ class HookCapture:
                 raise BuildError(f"vLLM capture of row {keys.index(key)} of a batch failed: {message}")
             for key, rec in answer["records"].items():
                 records[key].update({name: unpack(packed) for name, packed in rec.items()})
-        want = ["topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"]
+        want = ["topk_ids", "topk_logprobs"] if cs.top_k else []
+        want += ["tail_logmass", "target_logprob"]
         want += ["sample_ids", "sample_counts"] if cs.sample_draws else []
         want += [f"hidden/{layer}" for layer in layers]
         for key, job in zip(keys, jobs):

@@ -29,6 +29,11 @@ def derive_block(block: SeqBlock, fields: dict[str, FieldSpec], top_k: int, drop
     `kdcache verify` allows for that dtype).
     """
     token = dict(block.token)
+    if top_k == 0:  # samples-only: the tail is all the mass, log 1 = 0 exactly, as a k = 0 build stores it
+        token["tail_logmass"] = np.zeros(block.num_tokens, dtype=np.float32)
+        for name in ("topk_ids", "topk_logprobs"):
+            token.pop(name, None)
+        return dataclasses.replace(block, token=token)
     lp = to_float32(token["topk_logprobs"], fields["topk_logprobs"].dtype).astype(np.float64)  # (N, K)
     dropped = np.logaddexp.reduce(lp[:, top_k:], axis=1) if lp.shape[1] > top_k else np.full(len(lp), -np.inf)
     token["tail_logmass"] = np.logaddexp(token["tail_logmass"].astype(np.float64), dropped).astype(np.float32)  # (N,)
@@ -51,13 +56,20 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
     cache = open_cache(src, require_complete=True)
     m = cache.manifest
     k = m.top_k if top_k is None else top_k
-    if not 1 <= k <= m.top_k:
-        raise CacheError(f"{src}: convert --top-k must be in [1, {m.top_k}] (the cache's k), got {k}")
+    if not 0 <= k <= m.top_k:
+        raise CacheError(f"{src}: convert --top-k must be in [0, {m.top_k}] (the cache's k), got {k}")
+    if k == 0 and (drop_samples or "sample_ids" not in m.fields):
+        raise CacheError(f"{src}: convert --top-k 0 keeps only the RS-KD samples, so the cache needs them "
+                         "(and --drop-samples would leave no teacher distribution)")
     derive = k != m.top_k or (drop_samples and "sample_ids" in m.fields)
     fields, build = dict(m.fields), copy.deepcopy(m.build)
     if derive:
-        fields["topk_ids"] = dataclasses.replace(fields["topk_ids"], shape=(k,))
-        fields["topk_logprobs"] = dataclasses.replace(fields["topk_logprobs"], shape=(k,))
+        if k:
+            fields["topk_ids"] = dataclasses.replace(fields["topk_ids"], shape=(k,))
+            fields["topk_logprobs"] = dataclasses.replace(fields["topk_logprobs"], shape=(k,))
+        else:
+            fields.pop("topk_ids")
+            fields.pop("topk_logprobs")
         build["derived_from"] = {"top_k": m.top_k, "sample_draws": m.sample_draws}
         build["top_k"] = k
         if drop_samples:

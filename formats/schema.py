@@ -14,7 +14,7 @@ import numpy as np
 from formats.errors import CacheError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 READABLE_MAJOR = 1
 
 # Storage numpy dtype for each named dtype. BF16 has no numpy type: its raw bits live in uint16.
@@ -30,6 +30,11 @@ DTYPES: dict[str, np.dtype] = {
 LOGPROB_DTYPES = ("F32", "F16", "BF16")
 HIDDEN_DTYPES = ("F16", "BF16")
 COUNT_DTYPES = ("U8", "U16")
+
+# zstd level the writers use per field (3 when not named). RS-KD samples are most of an RS-KD cache's bytes and
+# are compressed once, in the builder's background writer thread: level 9 saves ~7% of them for about half the
+# speed of level 3 (benchmarks/storage.py). Readers need no setting.
+ZSTD_LEVELS = {"sample_ids": 9, "sample_counts": 9}
 
 # Limits checked before any allocation (SPEC.md, "Limits a reader enforces").
 MAX_SHARD_TOKENS = 2**31
@@ -80,19 +85,21 @@ def make_fields(
     position_ids: bool = False,
     byte_offsets: bool = False,
 ) -> dict[str, FieldSpec]:
-    """The field table of a cache with these options; `hidden` maps layer index -> (hidden size, dtype)."""
-    if not 1 <= top_k <= MAX_K:
-        raise CacheError(f"top_k must be in [1, {MAX_K}], got {top_k}")
+    """The field table of a cache with these options; `hidden` maps layer index -> (hidden size, dtype).
+
+    `top_k` 0 makes a samples-only (RS-KD) cache: no top-k fields, so it needs `sample_slots`."""
+    if not 0 <= top_k <= MAX_K:
+        raise CacheError(f"top_k must be in [0, {MAX_K}], got {top_k}")
+    if top_k == 0 and not sample_slots:
+        raise CacheError("top_k 0 stores no teacher distribution unless RS-KD samples are kept (sample draws > 0)")
     if logprob_dtype not in LOGPROB_DTYPES:
         raise CacheError(f"logprob dtype must be one of {LOGPROB_DTYPES}, got {logprob_dtype!r}")
-    fields = {
-        "input_ids": FieldSpec("token", "I32"),
-        "topk_ids": FieldSpec("token", "I32", (top_k,)),
-        "topk_logprobs": FieldSpec("token", logprob_dtype, (top_k,)),
-        "tail_logmass": FieldSpec("token", "F32"),
-        "target_logprob": FieldSpec("token", "F32"),
-        "doc_index": FieldSpec("sequence", "I64"),
-    }
+    fields = {"input_ids": FieldSpec("token", "I32")}
+    if top_k:
+        fields["topk_ids"] = FieldSpec("token", "I32", (top_k,))
+        fields["topk_logprobs"] = FieldSpec("token", logprob_dtype, (top_k,))
+    fields.update(tail_logmass=FieldSpec("token", "F32"), target_logprob=FieldSpec("token", "F32"),
+                  doc_index=FieldSpec("sequence", "I64"))
     if loss_mask:
         fields["loss_mask"] = FieldSpec("token", "U8")
     if position_ids:
@@ -113,27 +120,29 @@ def make_fields(
     return fields
 
 
-REQUIRED_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "doc_index")
+REQUIRED_FIELDS = ("input_ids", "tail_logmass", "target_logprob", "doc_index")
+TOPK_FIELDS = ("topk_ids", "topk_logprobs")  # required unless the cache is samples-only (k = 0)
 OPTIONAL_FIELDS = ("loss_mask", "position_ids", "byte_offsets", "sample_ids", "sample_counts")
 
 
 def check_field_table(fields: dict[str, FieldSpec]) -> None:
     """Refuse a field table this version does not define (SPEC.md, Fields)."""
     expected = make_fields(1)
-    for name in REQUIRED_FIELDS:
+    samples_only = not any(name in fields for name in TOPK_FIELDS) and "sample_ids" in fields
+    for name in REQUIRED_FIELDS + (() if samples_only else TOPK_FIELDS):
         if name not in fields:
             raise CacheError(f"manifest fields: required field {name!r} is missing")
-        want, got = expected[name], fields[name]
-        if name in ("topk_ids", "topk_logprobs"):
-            ok = got.per == "token" and len(got.shape) == 1
-            ok = ok and (got.dtype == "I32" if name == "topk_ids" else got.dtype in LOGPROB_DTYPES)
-        else:
-            ok = got == want
-        if not ok:
+    for name in REQUIRED_FIELDS:
+        if fields[name] != expected[name]:
+            raise CacheError(f"manifest field {name!r}: {fields[name].to_json()} does not match the spec")
+    for name in () if samples_only else TOPK_FIELDS:
+        got = fields[name]
+        ok = got.per == "token" and len(got.shape) == 1
+        if not (ok and (got.dtype == "I32" if name == "topk_ids" else got.dtype in LOGPROB_DTYPES)):
             raise CacheError(f"manifest field {name!r}: {got.to_json()} does not match the spec")
-    if fields["topk_ids"].shape != fields["topk_logprobs"].shape:
+    if not samples_only and fields["topk_ids"].shape != fields["topk_logprobs"].shape:
         raise CacheError("manifest fields: topk_ids and topk_logprobs have different k")
-    if fields["topk_ids"].shape[0] > MAX_K:
+    if not samples_only and fields["topk_ids"].shape[0] > MAX_K:
         raise CacheError(f"manifest field 'topk_ids': k = {fields['topk_ids'].shape[0]} is above the limit {MAX_K}")
     if ("sample_ids" in fields) != ("sample_counts" in fields):
         raise CacheError("manifest fields: sample_ids and sample_counts come together")
@@ -146,7 +155,7 @@ def check_field_table(fields: dict[str, FieldSpec]) -> None:
     fixed = {"loss_mask": FieldSpec("token", "U8"), "position_ids": FieldSpec("token", "I32"),
              "byte_offsets": FieldSpec("token", "I32", (2,))}
     for name, spec in fields.items():
-        if name in REQUIRED_FIELDS or name in ("sample_ids", "sample_counts"):
+        if name in REQUIRED_FIELDS or name in TOPK_FIELDS or name in ("sample_ids", "sample_counts"):
             continue
         if name in fixed:
             if spec != fixed[name]:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from formats.errors import CacheError
-from formats.schema import FORMAT_NAME, FORMAT_VERSION, FieldSpec, SeqBlock
+from formats.schema import FORMAT_NAME, FORMAT_VERSION, ZSTD_LEVELS, FieldSpec, SeqBlock
 
 ROW_GROUP_TOKENS = 16384
 
@@ -63,8 +63,16 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
     if compression not in COMPRESSIONS:
         raise CacheError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     schema = arrow_schema(fields)
-    codec = {"compression": "zstd", "compression_level": 3} if compression == "zstd" else {"compression": "none"}
-    with pq.ParquetWriter(path, schema, use_dictionary=False, write_statistics=False, **codec) as writer:
+    # Per-column settings are keyed by the leaf column's path; a column missing from the dict gets Arrow's default.
+    leaf = {n: n + ".list.element" * ((s.per == "token") + bool(s.shape)) for n, s in fields.items()}
+    codec: dict = {"compression": "none"}
+    if compression == "zstd":
+        codec = {"compression": "zstd", "compression_level": {leaf[n]: ZSTD_LEVELS.get(n, 3) for n in fields}}
+    # Byte-stream split puts the three zero bytes of each INT32-stored count in streams of their own, which zstd
+    # then all but drops (benchmarks/storage.py: 6.9 -> 4.4 B/token for 50 U8 count slots).
+    encoding = {leaf[n]: "BYTE_STREAM_SPLIT" for n in fields if n == "sample_counts"}
+    with pq.ParquetWriter(path, schema, use_dictionary=False, write_statistics=False, column_encoding=encoding or None,
+                          **codec) as writer:
         for start, stop in _row_groups(block.offsets):
             part = block.slice(start, stop)
             writer.write_table(pa.Table.from_arrays([_column(part, n, s) for n, s in fields.items()], schema=schema))
@@ -128,7 +136,8 @@ def _block_from_table(table: pa.Table, fields: dict[str, FieldSpec], where: str)
 #
 # Arrow decodes a `list<fixed_size_list<T, n>>` column value by value through repetition and definition
 # levels: about 0.1-0.2 GB/s here, 3-5x slower than the zstd underneath (benchmarks/loader.py; FACTS.md saw
-# the same). kdcache's writer makes these columns one way only (data pages v1, PLAIN values, no nulls), so
+# the same). kdcache's writer makes these columns one way only (data pages v1, PLAIN values, or
+# BYTE_STREAM_SPLIT for sample_counts, no nulls), so
 # for them the pages are read directly: page header, zstd, skip the two level runs, view the values. Any
 # page that is not exactly that, and any error, sends the column back to Arrow, which has the last word.
 
@@ -228,7 +237,8 @@ def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec)
     column = meta.schema.column(col)
     physical, size = _PHYSICAL[spec.dtype]
     if column.physical_type != physical or chunk.compression not in ("ZSTD", "UNCOMPRESSED") or \
-            chunk.dictionary_page_offset is not None or not set(chunk.encodings) <= {"PLAIN", "RLE"}:
+            chunk.dictionary_page_offset is not None or \
+            not set(chunk.encodings) <= {"PLAIN", "RLE", "BYTE_STREAM_SPLIT"}:
         raise _NotDirect("column layout")
     codec = pa.Codec("zstd") if chunk.compression == "ZSTD" else None
     # An untrusted file's page header may claim any decompressed size: never allocate more than the chunk's
@@ -237,8 +247,8 @@ def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec)
     parts = []
     for page in column_pages(memoryview(data).cast("B"), chunk.data_page_offset, chunk.total_compressed_size):
         dph = page["header"].get(5)
-        if page["type"] != 0 or not isinstance(dph, dict) or dph.get(2) != 0:  # DATA_PAGE v1, PLAIN values
-            raise _NotDirect("page type or encoding")
+        if page["type"] != 0 or not isinstance(dph, dict) or dph.get(2) not in (0, 9):  # DATA_PAGE v1, PLAIN or
+            raise _NotDirect("page type or encoding")                                     # BYTE_STREAM_SPLIT
         if not isinstance(page["uncompressed"], int) or not 0 <= page["uncompressed"] <= budget:
             raise _NotDirect("page size")
         budget -= page["uncompressed"]
@@ -252,7 +262,11 @@ def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec)
         n = dph[1]
         if len(view) - pos != n * size:  # nulls or empty lists would leave fewer values than levels
             raise _NotDirect("value count")
-        parts.append(np.frombuffer(view, _PLAIN_DTYPE[physical], count=n, offset=pos))
+        if dph.get(2) == 9:  # byte k of every value in stream k: gather them back into values
+            streams = np.frombuffer(view, np.uint8, count=n * size, offset=pos).reshape(size, n)
+            parts.append(np.ascontiguousarray(streams.T).view(_PLAIN_DTYPE[physical]).reshape(n))
+        else:
+            parts.append(np.frombuffer(view, _PLAIN_DTYPE[physical], count=n, offset=pos))
     values = np.concatenate(parts) if len(parts) != 1 else parts[0]
     return values if values.dtype == spec.np_dtype else values.astype(spec.np_dtype) if spec.dtype in ("U8", "U16", "BF16") \
         else values.view(spec.np_dtype)

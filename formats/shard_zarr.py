@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import CacheError
-from formats.schema import FORMAT_NAME, FORMAT_VERSION, FieldSpec, SeqBlock
+from formats.schema import FORMAT_NAME, FORMAT_VERSION, ZSTD_LEVELS, FieldSpec, SeqBlock
 
 CHUNK_TOKENS = 16384
 _ZARR_DTYPE = {"I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16",
@@ -25,7 +25,7 @@ COMPRESSIONS = ("zstd", "none")
 
 
 def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dict | None = None,
-            compression: str = "zstd") -> None:
+            compression: str = "zstd", level: int = 3) -> None:
     from zarr.codecs import ZstdCodec
 
     rows = max(1, min(chunk_rows, len(data)))
@@ -33,7 +33,7 @@ def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dic
     shard = (max(rows, -(-len(data) // rows) * rows), *data.shape[1:])
     arr = group.create_array(
         name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shard,
-        compressors=ZstdCodec(level=3) if compression == "zstd" else None, fill_value=0, attributes=attributes or {},
+        compressors=ZstdCodec(level=level) if compression == "zstd" else None, fill_value=0, attributes=attributes or {},
     )
     if data.size:
         arr[...] = data
@@ -67,7 +67,8 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
             target, leaf = hidden, name.split("/", 1)[1]
         # Chunk by bytes, not rows, so wide hidden rows do not make huge chunks.
         row_bytes = max(1, data[:1].nbytes)
-        _create(target, leaf, data, max(1, min(CHUNK_TOKENS, (4 << 20) // row_bytes)), attributes, compression)
+        _create(target, leaf, data, max(1, min(CHUNK_TOKENS, (4 << 20) // row_bytes)), attributes, compression,
+                ZSTD_LEVELS.get(name, 3))
 
 
 class ZarrShard:

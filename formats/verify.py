@@ -41,14 +41,15 @@ def check_values(block: SeqBlock, cache: Cache, where: str) -> list[str]:
     last[block.offsets[1:][lengths > 0] - 1] = True
 
     bad("input_ids", (tok["input_ids"] < 0) | (tok["input_ids"] >= vocab), f"ids outside [0, {vocab})")
-    ids = tok["topk_ids"]
+    # A samples-only cache (k = 0) checks as an empty top-k: its tail must then hold all the mass.
+    ids = tok["topk_ids"] if "topk_ids" in tok else np.zeros((block.num_tokens, 0), dtype=np.int32)
     bad("topk_ids", (ids < 0) | (ids >= vocab), f"ids outside [0, {vocab})")
     if ids.shape[1] > 1:
         srt = np.sort(ids, axis=1)
         bad("topk_ids", srt[:, 1:] == srt[:, :-1], "repeated id in one row")
 
-    lp_dtype = m.fields["topk_logprobs"].dtype
-    lp = to_float32(tok["topk_logprobs"], lp_dtype)
+    lp_dtype = m.fields["topk_logprobs"].dtype if "topk_logprobs" in m.fields else "F32"
+    lp = to_float32(tok["topk_logprobs"], lp_dtype) if "topk_logprobs" in tok else np.zeros(ids.shape, np.float32)
     bad("topk_logprobs", np.isnan(lp), "NaN")
     bad("topk_logprobs", lp > 0, "log-prob above 0")
     bad("topk_logprobs", lp[:, 1:] > lp[:, :-1], "not non-increasing along k")

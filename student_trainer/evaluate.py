@@ -4,6 +4,7 @@ Metrics, over positions with a next-token target (labels != -100):
 - kl_to_teacher: forward KL(p || q) on the (k+1)-bucket coarsening (top-k + tail), a lower bound of the full KL;
 - top1_agreement: student argmax == teacher's most probable token;
 - top5_overlap: |top-5(student) ∩ top-5(teacher)| / 5 (needs k >= 5);
+  (the teacher metrics are None on a samples-only cache, k = 0: its draws give neither p's entropy nor its argmax)
 - ce, perplexity: cross-entropy of the real next token, exp of it;
 - ece: expected calibration error of the student's top-1 prediction against the real token, 15 equal-width bins.
 """
@@ -55,16 +56,17 @@ def evaluate(student_dir: str, cache_url: str, split: str = "heldout", batch_siz
             n = int(mask.sum())
             if n == 0:
                 continue
-            kl = kd_loss(logits, mask, KDConfig(kind="fkl_ghost", vocab_size=vocab), topk_ids=batch.topk_ids,
-                         topk_logprobs=batch.topk_logprobs, tail_logmass=batch.tail_logmass)
-            sums["kl"] += float(kl) * n
             z, labels = logits[mask], batch.labels[mask]  # (n, V), (n,)
-            t_ids = batch.topk_ids[mask]  # (n, k)
             logp = torch.log_softmax(z, dim=-1)
             sums["ce"] += float(-logp.gather(1, labels[:, None]).sum())
             pred = z.argmax(-1)
-            sums["top1"] += float((pred == t_ids[:, 0]).sum())
-            if t_ids.shape[1] >= 5:
+            if m.top_k:
+                kl = kd_loss(logits, mask, KDConfig(kind="fkl_ghost", vocab_size=vocab), topk_ids=batch.topk_ids,
+                             topk_logprobs=batch.topk_logprobs, tail_logmass=batch.tail_logmass)
+                sums["kl"] += float(kl) * n
+                t_ids = batch.topk_ids[mask]  # (n, k)
+                sums["top1"] += float((pred == t_ids[:, 0]).sum())
+            if m.top_k >= 5:
                 s5 = z.topk(5, -1).indices
                 sums["top5"] += float((s5[:, :, None] == t_ids[:, None, :5]).any(-1).sum()) / 5
             conf = logp.max(-1).values.exp().double().cpu()
@@ -81,8 +83,8 @@ def evaluate(student_dir: str, cache_url: str, split: str = "heldout", batch_siz
     return {
         "split": split,
         "positions": sums["n"],
-        "kl_to_teacher": sums["kl"] / n,
-        "top1_agreement": sums["top1"] / n,
+        "kl_to_teacher": sums["kl"] / n if m.top_k else None,
+        "top1_agreement": sums["top1"] / n if m.top_k else None,
         "top5_overlap": sums["top5"] / n if m.top_k >= 5 else None,
         "ce": ce,
         "perplexity": math.exp(min(ce, 50.0)),

@@ -277,6 +277,9 @@ def train(s: TrainSettings) -> dict:
     m = cache.manifest
     if s.kd_kind == "rskd" and m.sample_draws == 0:
         raise TrainError(f"{s.cache}: kd_kind rskd needs RS-KD samples; build the cache with --sample-draws")
+    if s.kd_kind != "rskd" and m.top_k == 0:
+        raise TrainError(f"{s.cache}: kd_kind {s.kd_kind} needs top-k log-probs, and this cache keeps only RS-KD "
+                         "samples (top_k 0); use kd_kind rskd")
 
     # ---- student: same tokenizer as the teacher that made the cache
     torch.manual_seed(s.seed)

@@ -96,6 +96,20 @@ def test_every_stored_field_equals_a_direct_torch_computation(tiny_teacher, smal
     assert checked == cache.num_sequences() > 5
 
 
+def test_a_samples_only_build_stores_the_same_draws_as_a_top_k_build_and_no_top_k(tiny_teacher, small_corpus, tmp_path):
+    both = run_build(settings(tiny_teacher, small_corpus, tmp_path / "k8", sample_draws=16))
+    alone = run_build(settings(tiny_teacher, small_corpus, tmp_path / "k0", top_k=0, sample_draws=16))
+    assert alone.top_k == 0 and "topk_ids" not in alone.fields and "topk_logprobs" not in alone.fields
+    assert verify_cache(str(tmp_path / "k0")) == []
+    a, b = open_cache(tmp_path / "k8"), open_cache(tmp_path / "k0")
+    for ea, eb in zip(a.shards(), b.shards(), strict=True):
+        x, y = a.read_shard(ea), b.read_shard(eb)
+        for name in ("input_ids", "target_logprob", "sample_ids", "sample_counts"):
+            assert np.array_equal(x.token[name], y.token[name], equal_nan=name == "target_logprob"), name
+        assert np.all(y.token["tail_logmass"] == 0.0)
+    assert "none (samples-only RS-KD cache)" in (tmp_path / "k0" / "README.md").read_text()
+
+
 def test_rskd_sample_counts_follow_the_teacher_distribution():
     """Chi-square goodness of fit of 20000 rows x 50 draws against the distribution they came from."""
     gen = torch.Generator().manual_seed(1234)
@@ -183,6 +197,8 @@ def test_parts_merge_into_one_cache_holding_every_sequence_once(tiny_teacher, sm
         ({"teacher": "/nonexistent/teacher"}, "no such folder"),
         ({"shard_tokens": 0}, "--shard-tokens must be positive"),
         ({"seq_len": 0}, "--seq-len must be positive"),
+        ({"top_k": 0}, r"--top-k must be positive, or 0 for a samples-only RS-KD cache with --sample-draws"),
+        ({"top_k": -1, "sample_draws": 8}, r"--top-k must be positive, or 0"),
     ],
 )
 def test_bad_build_settings_give_one_clear_error(tiny_teacher, small_corpus, tmp_path, change, message):

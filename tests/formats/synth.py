@@ -16,7 +16,7 @@ from formats.writer import CacheWriter
 def random_sequence(rng: np.random.Generator, length: int, fields: dict[str, FieldSpec], vocab: int,
                     draws: int, doc_index: int) -> dict[str, np.ndarray]:
     """One sequence whose stored fields follow SPEC.md from a random full distribution per position."""
-    k = fields["topk_ids"].shape[0]
+    k = fields["topk_ids"].shape[0] if "topk_ids" in fields else 0  # 0: a samples-only cache
     logits = rng.normal(size=(length, vocab)).astype(np.float32) * 3
     logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
     order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
@@ -24,17 +24,20 @@ def random_sequence(rng: np.random.Generator, length: int, fields: dict[str, Fie
     mass = np.exp(topk.astype(np.float64)).sum(axis=1)
     with np.errstate(divide="ignore"):  # mass == 1 (k = vocab): the tail is -inf by definition
         tail = np.where(mass >= 1, -np.inf, np.log1p(-np.minimum(mass, 1))).astype(np.float32)
+    if k == 0:
+        tail = np.zeros(length, dtype=np.float32)  # log 1 exactly, as the builder stores it
     ids = rng.integers(0, vocab, size=length).astype(np.int32)
     target = np.full(length, np.nan, dtype=np.float32)
     target[:-1] = logp[np.arange(length - 1), ids[1:]]
     seq = {
         "input_ids": ids,
-        "topk_ids": order.astype(np.int32),
-        "topk_logprobs": from_float32(topk, fields["topk_logprobs"].dtype),
         "tail_logmass": tail,
         "target_logprob": target,
         "doc_index": np.int64(doc_index),
     }
+    if k:
+        seq["topk_ids"] = order.astype(np.int32)
+        seq["topk_logprobs"] = from_float32(topk, fields["topk_logprobs"].dtype)
     if "loss_mask" in fields:
         seq["loss_mask"] = rng.integers(0, 2, size=length).astype(np.uint8)
     if "position_ids" in fields:
@@ -68,7 +71,7 @@ def make_manifest(backend: str, fields: dict[str, FieldSpec], vocab: int, draws:
         fields=fields,
         teacher={"name": "synthetic", "backend": "test", "dtype": "F32"},
         tokenizer={"fingerprint": "0" * 64, "vocab_size": vocab, "special_ids": {"bos": None, "eos": None, "pad": None}},
-        build={"top_k": fields["topk_ids"].shape[0], "temperature": 1.0, "sample_draws": draws},
+        build={"top_k": fields["topk_ids"].shape[0] if "topk_ids" in fields else 0, "temperature": 1.0, "sample_draws": draws},
         corpus={"fingerprint": "0" * 64, "sources": []},
         created_by="kdcache tests",
     )

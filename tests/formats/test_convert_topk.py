@@ -71,10 +71,29 @@ def test_bf16_logprobs_derive_a_tail_within_verify_tolerance(tmp_path):
     assert np.all(np.abs(total - 1) < 3e-2)
 
 
-@pytest.mark.parametrize("k", [0, 17])
-def test_a_top_k_outside_one_to_the_cache_k_is_refused(tmp_path, k):
-    with pytest.raises(CacheError, match=r"--top-k must be in \[1, 16\]"):
+@pytest.mark.parametrize("k", [-1, 17])
+def test_a_top_k_outside_zero_to_the_cache_k_is_refused(tmp_path, k):
+    with pytest.raises(CacheError, match=r"--top-k must be in \[0, 16\]"):
         convert_cache(_source(tmp_path), "parquet", tmp_path / "bad", top_k=k)
+
+
+@pytest.mark.parametrize("backend", ["parquet", "zarr"])
+def test_top_k_zero_keeps_the_samples_alone_with_all_mass_in_the_tail(tmp_path, backend):
+    src = _source(tmp_path, backend)
+    m = convert_cache(src, backend, tmp_path / "k0", top_k=0)
+    assert m.top_k == 0 and m.build["top_k"] == 0 and "topk_ids" not in m.fields and "topk_logprobs" not in m.fields
+    assert m.sample_draws == DRAWS and verify_cache(str(tmp_path / "k0")) == []
+    a, b = open_cache(src), open_cache(tmp_path / "k0")
+    for ea, eb in zip(a.shards(), b.shards()):
+        big, small = a.read_shard(ea), b.read_shard(eb)
+        for name in ("input_ids", "target_logprob", "sample_ids", "sample_counts"):
+            assert same_bytes(big.token[name], small.token[name])
+        assert np.all(small.token["tail_logmass"] == 0) and set(small.token) == set(big.token) - {"topk_ids", "topk_logprobs"}
+
+
+def test_top_k_zero_without_samples_to_keep_is_refused(tmp_path):
+    with pytest.raises(CacheError, match="keeps only the RS-KD samples"):
+        convert_cache(_source(tmp_path), "parquet", tmp_path / "bad", top_k=0, drop_samples=True)
 
 
 def test_cli_derives_with_the_source_backend_by_default(tmp_path):

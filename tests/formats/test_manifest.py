@@ -50,7 +50,7 @@ def _refresh_counts(obj: dict) -> None:
 
 def test_a_written_manifest_parses_back_to_the_same_json(cache_dir):
     obj = _json(cache_dir)
-    assert obj["format"] == "kdcache" and obj["format_version"] == "1.0.0" and obj["complete"] is True
+    assert obj["format"] == "kdcache" and obj["format_version"] == "1.1.0" and obj["complete"] is True
     assert manifest_from_json(obj).to_json() == obj
     assert [s["path"] for s in obj["shards"]] == [
         "shards/train-00000.parquet", "shards/train-00001.parquet", "shards/train-00002.parquet",
@@ -261,3 +261,10 @@ def test_an_incomplete_cache_opens_but_is_refused_where_completeness_is_required
     with pytest.raises(CacheError, match="incomplete"):
         open_cache(cache_dir, require_complete=True)
     assert verify_cache(str(cache_dir)) == [f"{cache_dir}: the cache is incomplete (build interrupted or running)"]
+
+
+def test_a_version_1_0_0_cache_still_opens(cache_dir):
+    # 1.1.0 added samples-only caches (k = 0); every 1.0.0 cache is a valid 1.1.0 cache.
+    edit_manifest(cache_dir, lambda o: o.update(format_version="1.0.0"))
+    cache = open_cache(cache_dir)
+    assert cache.manifest.format_version == "1.0.0" and cache.read_shard(cache.shards()[0]).num_tokens > 0

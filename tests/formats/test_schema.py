@@ -34,6 +34,13 @@ def test_a_field_table_with_every_option_passes_the_field_table_check():
     assert fields["doc_index"] == FieldSpec("sequence", "I64", ())
 
 
+def test_top_k_zero_makes_a_samples_only_table_without_top_k_fields():
+    fields = make_fields(0, sample_slots=4)
+    check_field_table(fields)
+    assert "topk_ids" not in fields and "topk_logprobs" not in fields
+    assert {"tail_logmass", "target_logprob", "sample_ids", "sample_counts"} <= set(fields)
+
+
 @pytest.mark.parametrize("kwargs", [
     {"top_k": 0},
     {"top_k": MAX_K + 1},
@@ -102,10 +109,13 @@ def _table(**changes) -> dict[str, FieldSpec]:
       "topk_logprobs": FieldSpec("token", "F32", (MAX_K + 1,))}, "limit"),
     ({"sample_ids": FieldSpec("token", "I32", (MAX_K + 1,)),
       "sample_counts": FieldSpec("token", "U16", (MAX_K + 1,))}, "limit"),
+    ({"topk_ids": None}, "required field 'topk_ids' is missing"),
+    ({"topk_ids": None, "topk_logprobs": None, "sample_ids": None, "sample_counts": None},
+     "required field 'topk_ids' is missing"),
 ], ids=["no_input_ids", "no_doc_index", "tail_f16", "target_bf16", "input_ids_i64", "doc_index_per_token",
         "topk_ids_i64", "k_mismatch", "samples_alone", "slots_mismatch", "counts_i32", "loss_mask_i32",
         "byte_offsets_3", "hidden_f32", "hidden_per_sequence", "hidden_not_a_layer", "unknown_field",
-        "k_over_limit", "slots_over_limit"])
+        "k_over_limit", "slots_over_limit", "topk_ids_alone_missing", "no_topk_and_no_samples"])
 def test_a_field_table_the_spec_does_not_define_is_refused(changes, message):
     with pytest.raises(CacheError, match=message):
         check_field_table(_table(**changes))

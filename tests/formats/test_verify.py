@@ -371,3 +371,15 @@ def test_no_module_of_the_format_can_unpickle_or_evaluate_cache_content():
     offenders = [f"{p.name}:{i}: {line.strip()}" for p in sources
                  for i, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
     assert offenders == []
+
+
+@pytest.mark.parametrize("backend", ["parquet", "zarr"])
+def test_a_samples_only_cache_must_keep_all_mass_in_the_tail(tmp_path, backend):
+    fields = rich_fields(k=0)
+    seqs = make_sequences([10, 10], fields, seed=2)
+    write_cache(tmp_path / "ok", backend, [("train", s) for s in seqs], fields)
+    assert verify_cache(str(tmp_path / "ok")) == []
+    seqs[1]["tail_logmass"][R] = -0.5  # a tail of 0.61 with no top-k left: the row's mass is not 1
+    write_cache(tmp_path / "bad", backend, [("train", s) for s in seqs], fields)
+    problems = verify_cache(str(tmp_path / "bad"))
+    assert len(problems) == 1 and "field tail_logmass: top-k mass + tail differs from 1" in problems[0], problems

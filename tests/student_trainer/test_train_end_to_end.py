@@ -68,6 +68,31 @@ def test_training_reduces_the_kd_loss_and_writes_a_folder_transformers_loads(tin
     assert set(result) == METRIC_KEYS and result["kl_to_teacher"] > 1e-3 and 0 <= result["top1_agreement"] <= 1
 
 
+def test_a_samples_only_cache_trains_rskd_exactly_as_its_source_and_refuses_top_k_losses(tiny_teacher, tiny_cache,
+                                                                                          tmp_path):
+    k0 = str(tmp_path / "k0")
+    proc = kdcache("convert", tiny_cache, "--out", k0, "--top-k", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {}
+    for name, cache, workers in (("source", tiny_cache, 0), ("k0", k0, 1)):
+        out = tmp_path / f"run_{name}"
+        proc = kdcache(*train_args(cache, tiny_teacher, out, steps=6, num_workers=workers, checkpoint_every=0,
+                                   kd_kind="rskd"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = [m["loss"] for m in metrics(out)]
+    assert len(runs["k0"]) == 6 and runs["k0"] == runs["source"]  # the samples are all RS-KD reads
+    proc = kdcache(*train_args(k0, tiny_teacher, tmp_path / "ghost", steps=1, kd_kind="fkl_ghost"))
+    assert proc.returncode == 2 and "keeps only RS-KD samples (top_k 0); use kd_kind rskd" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    results = {}
+    for cache in (tiny_cache, k0):
+        proc = kdcache("eval", "--student", str(tmp_path / "run_k0" / "final"), "--cache", cache, "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[cache] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results[k0]["kl_to_teacher"] is None and results[k0]["top1_agreement"] is None
+    assert results[k0]["ce"] == results[tiny_cache]["ce"] and results[k0]["positions"] == results[tiny_cache]["positions"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_teacher, tiny_cache, tmp_path_factory) -> Path:
     """8 steps without a break; loader workers do not change the order of batches, so it serves every resume test."""
