@@ -129,6 +129,11 @@ def test_rskd_samples_repeat_for_a_seed_and_follow_the_transformers_backend(smol
     want = hf_records(hf_smol, jobs[:2], cs, [])
     for a, w in zip(first, want):
         assert (a["sample_ids"] == w["sample_ids"]).mean() > 0.9
+    # A samples-only capture (k = 0) draws exactly the same samples and keeps no top-k.
+    alone = capture.records(jobs[:2], dataclasses.replace(cs, top_k=0), [], "BF16")
+    for a, b in zip(first, alone):
+        assert set(b) == {"tail_logmass", "target_logprob", "sample_ids", "sample_counts"} and (b["tail_logmass"] == 0).all()
+        assert np.array_equal(a["sample_ids"], b["sample_ids"]) and np.array_equal(a["sample_counts"], b["sample_counts"])
 
 
 @pytest.mark.vllm
