@@ -15,8 +15,8 @@ format 1.1; `kdcache build --top-k 0 --sample-draws 50`): RS-KD with 50 draws (N
 builder's default: never truncates) with U8 counts; `rskd50+top1`: the same samples next to a top-1 entry (F16),
 the smallest top-k format 1.0 allowed; `topk64-bf16+hidden`: top-k 64 BF16 plus one BF16 hidden layer (layer 15 of 30, 576
 wide). Each mode is written as one shard with the Parquet and the Zarr writers, with zstd (level 3, as caches
-are written: level 3, and level 9 for the RS-KD sample columns; Parquet stores sample_counts
-BYTE_STREAM_SPLIT) and without compression.
+are written: level 3, and level 9 for the RS-KD sample columns; Parquet stores the sample columns without
+their padding slots and sample_counts BYTE_STREAM_SPLIT, format 1.1) and without compression.
 
 Bytes per token: `file` = the shard's bytes on disk / tokens (this small cache pays the fixed metadata once:
 the Parquet footer, Zarr's JSON files); `data` (Parquet) = the column chunks' compressed bytes / tokens, what
@@ -328,7 +328,7 @@ def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
               f"every cache holds {sum(cols.values()) - samples:.1f} B.")
     if rskd > 40:
         out.write(" This teacher on code draws more distinct ids per position than the paper's ~12; less would take "
-                  "fewer draws or variable-length sample lists (no padding slots): a format change not made here.")
+                  "fewer draws.")
     out.write("\n")
     update_results("Storage size and fidelity", out.getvalue())
 

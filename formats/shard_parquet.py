@@ -23,8 +23,16 @@ _ARROW = {"I32": pa.int32(), "I64": pa.int64(), "U8": pa.uint8(), "U16": pa.uint
           "F32": pa.float32(), "F16": pa.float16(), "BF16": pa.uint16()}
 
 
-def arrow_type(spec: FieldSpec) -> pa.DataType:
+# RS-KD sample slots are stored without their padding: each token's list holds only the drawn ids (and their
+# counts), which the spec puts before the padding. Fixed slots padded with -1 / 0 cost ~3.4 B/token more after
+# zstd (benchmarks/storage.py), because the padding's length changes from token to token.
+RAGGED = {"sample_ids": -1, "sample_counts": 0}  # field -> its padding value
+
+
+def arrow_type(spec: FieldSpec, name: str = "") -> pa.DataType:
     t = _ARROW[spec.dtype]
+    if name in RAGGED:
+        return pa.list_(pa.list_(t))
     if spec.shape:
         t = pa.list_(t, spec.shape[0])  # fixed_size_list
     return pa.list_(t) if spec.per == "token" else t
@@ -36,7 +44,7 @@ def arrow_schema(fields: dict[str, FieldSpec]) -> pa.Schema:
         "kdcache.format_version": FORMAT_VERSION,
         "kdcache.fields": json.dumps({n: s.to_json() for n, s in fields.items()}, sort_keys=True),
     }
-    return pa.schema([pa.field(n, arrow_type(s), nullable=False) for n, s in fields.items()], metadata=meta)
+    return pa.schema([pa.field(n, arrow_type(s, n), nullable=False) for n, s in fields.items()], metadata=meta)
 
 
 def _column(block: SeqBlock, name: str, spec: FieldSpec) -> pa.Array:
@@ -45,11 +53,30 @@ def _column(block: SeqBlock, name: str, spec: FieldSpec) -> pa.Array:
         values = pa.array(arr.reshape(-1), type=_ARROW[spec.dtype])
         return pa.FixedSizeListArray.from_arrays(values, spec.shape[0]) if spec.shape else values
     arr = block.token[name]
+    offsets = pa.array((block.offsets - block.offsets[0]).astype(np.int32))
+    if name in RAGGED:
+        drawn = _drawn_slots(block)
+        inner = np.zeros(len(arr) + 1, dtype=np.int32)
+        np.cumsum(drawn.sum(axis=1), out=inner[1:])
+        per_token = pa.ListArray.from_arrays(pa.array(inner), pa.array(arr[drawn], type=_ARROW[spec.dtype]))
+        return pa.ListArray.from_arrays(offsets, per_token)
     values = pa.array(arr.reshape(-1), type=_ARROW[spec.dtype])
     if spec.shape:
         values = pa.FixedSizeListArray.from_arrays(values, spec.shape[0])
-    offsets = pa.array((block.offsets - block.offsets[0]).astype(np.int32))
     return pa.ListArray.from_arrays(offsets, values)
+
+
+def _drawn_slots(block: SeqBlock) -> np.ndarray:
+    """(T, S) bool: the slots holding a drawn id. Refuses rows whose padding is not exactly the trailing
+    slots with id -1 and count 0 (SPEC.md), which dropping it would not give back."""
+    ids, counts = block.token["sample_ids"], block.token["sample_counts"]
+    drawn = counts > 0
+    trailing = np.arange(drawn.shape[1]) < drawn.sum(axis=1, keepdims=True)
+    bad = (drawn != trailing) | ((ids == -1) == drawn)
+    if bad.any():
+        row = int(np.argmax(bad.any(axis=1)))
+        raise CacheError(f"sample_ids/sample_counts row {row}: padding (id -1, count 0) must follow the drawn ids")
+    return drawn
 
 
 COMPRESSIONS = ("zstd", "none")
@@ -108,11 +135,14 @@ def _block_from_table(table: pa.Table, fields: dict[str, FieldSpec], where: str)
         raise CacheError(f"{where}: columns {sorted(table.column_names)} differ from the manifest fields {sorted(fields)}")
     offsets = None
     block = SeqBlock(offsets=np.zeros(1, dtype=np.int64))
+    sample_lengths = []  # samples per token of each ragged sample column
     for name, spec in fields.items():
         col = table.column(name)
-        if col.type != arrow_type(spec):
-            raise CacheError(f"{where}: column {name!r} has type {col.type}, expected {arrow_type(spec)}")
-        arr = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], arrow_type(spec))
+        want = arrow_type(spec, name)
+        if col.type != want and not (name in RAGGED and col.type == arrow_type(spec)):  # 1.0: padded sample slots
+            raise CacheError(f"{where}: column {name!r} has type {col.type}, expected {want}")
+        ragged = col.type == want and name in RAGGED
+        arr = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], want)
         if spec.per == "token":
             offs = arr.offsets.to_numpy().astype(np.int64)
             offs -= offs[0]
@@ -121,6 +151,10 @@ def _block_from_table(table: pa.Table, fields: dict[str, FieldSpec], where: str)
             elif not np.array_equal(offs, offsets):
                 raise CacheError(f"{where}: column {name!r} has sequence lengths that differ from input_ids")
             values = arr.flatten()
+            if ragged:
+                block.token[name], lengths = _pad_slots(values, spec, RAGGED[name], f"{where} column {name!r}")
+                sample_lengths.append(lengths)
+                continue
             if spec.shape:
                 values = values.flatten()
             block.token[name] = _numpy(values, spec, f"{where} column {name!r}").reshape(-1, *spec.shape)
@@ -128,7 +162,24 @@ def _block_from_table(table: pa.Table, fields: dict[str, FieldSpec], where: str)
             values = arr.flatten() if spec.shape else arr
             block.sequence[name] = _numpy(values, spec, f"{where} column {name!r}").reshape(-1, *spec.shape)
     block.offsets = offsets if offsets is not None else np.zeros(table.num_rows + 1, dtype=np.int64)
+    if len(sample_lengths) == 2 and not np.array_equal(*sample_lengths):
+        raise CacheError(f"{where}: columns 'sample_ids' and 'sample_counts' hold different numbers of samples per token")
     return block
+
+
+def _pad_slots(per_token: pa.ListArray, spec: FieldSpec, pad: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged sample column (one list per token) back to its (T, S) slots, padded with `pad`; and the
+    list lengths (T,)."""
+    if per_token.null_count:
+        raise CacheError(f"{where}: column has nulls")
+    lengths = np.diff(per_token.offsets.to_numpy())
+    slots = spec.shape[0]
+    if len(lengths) and lengths.max() > slots:
+        raise CacheError(f"{where}: a token holds {int(lengths.max())} samples, more than the {slots} slots")
+    values = _numpy(per_token.flatten(), spec, where)
+    out = np.full((len(lengths), slots), pad, dtype=spec.np_dtype)
+    out[np.arange(slots) < lengths[:, None]] = values  # row-major, as the values are stored
+    return out, lengths
 
 
 
@@ -136,8 +187,7 @@ def _block_from_table(table: pa.Table, fields: dict[str, FieldSpec], where: str)
 #
 # Arrow decodes a `list<fixed_size_list<T, n>>` column value by value through repetition and definition
 # levels: about 0.1-0.2 GB/s here, 3-5x slower than the zstd underneath (benchmarks/loader.py; FACTS.md saw
-# the same). kdcache's writer makes these columns one way only (data pages v1, PLAIN values, or
-# BYTE_STREAM_SPLIT for sample_counts, no nulls), so
+# the same). kdcache's writer makes these columns one way only (data pages v1, PLAIN values, no nulls), so
 # for them the pages are read directly: page header, zstd, skip the two level runs, view the values. Any
 # page that is not exactly that, and any error, sends the column back to Arrow, which has the last word.
 
@@ -237,8 +287,7 @@ def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec)
     column = meta.schema.column(col)
     physical, size = _PHYSICAL[spec.dtype]
     if column.physical_type != physical or chunk.compression not in ("ZSTD", "UNCOMPRESSED") or \
-            chunk.dictionary_page_offset is not None or \
-            not set(chunk.encodings) <= {"PLAIN", "RLE", "BYTE_STREAM_SPLIT"}:
+            chunk.dictionary_page_offset is not None or not set(chunk.encodings) <= {"PLAIN", "RLE"}:
         raise _NotDirect("column layout")
     codec = pa.Codec("zstd") if chunk.compression == "ZSTD" else None
     # An untrusted file's page header may claim any decompressed size: never allocate more than the chunk's
@@ -247,8 +296,8 @@ def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec)
     parts = []
     for page in column_pages(memoryview(data).cast("B"), chunk.data_page_offset, chunk.total_compressed_size):
         dph = page["header"].get(5)
-        if page["type"] != 0 or not isinstance(dph, dict) or dph.get(2) not in (0, 9):  # DATA_PAGE v1, PLAIN or
-            raise _NotDirect("page type or encoding")                                     # BYTE_STREAM_SPLIT
+        if page["type"] != 0 or not isinstance(dph, dict) or dph.get(2) != 0:  # DATA_PAGE v1, PLAIN values
+            raise _NotDirect("page type or encoding")
         if not isinstance(page["uncompressed"], int) or not 0 <= page["uncompressed"] <= budget:
             raise _NotDirect("page size")
         budget -= page["uncompressed"]
@@ -262,11 +311,7 @@ def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec)
         n = dph[1]
         if len(view) - pos != n * size:  # nulls or empty lists would leave fewer values than levels
             raise _NotDirect("value count")
-        if dph.get(2) == 9:  # byte k of every value in stream k: gather them back into values
-            streams = np.frombuffer(view, np.uint8, count=n * size, offset=pos).reshape(size, n)
-            parts.append(np.ascontiguousarray(streams.T).view(_PLAIN_DTYPE[physical]).reshape(n))
-        else:
-            parts.append(np.frombuffer(view, _PLAIN_DTYPE[physical], count=n, offset=pos))
+        parts.append(np.frombuffer(view, _PLAIN_DTYPE[physical], count=n, offset=pos))
     values = np.concatenate(parts) if len(parts) != 1 else parts[0]
     return values if values.dtype == spec.np_dtype else values.astype(spec.np_dtype) if spec.dtype in ("U8", "U16", "BF16") \
         else values.view(spec.np_dtype)
@@ -296,6 +341,7 @@ class ParquetShard:
             schema = self.file.schema_arrow
             leaves = {meta.schema.column(c).path.split(".")[0]: c for c in range(meta.num_columns)}
             for name, spec in fields.items():
+                # (1.1 sample columns are ragged, so only a 1.0 shard's padded ones match here)
                 if (spec.per == "token" and spec.shape and name in leaves and name in schema.names
                         and schema.field(name).type == arrow_type(spec)):
                     self.direct[name] = leaves[name]

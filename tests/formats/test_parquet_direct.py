@@ -3,6 +3,7 @@ Arrow's level decoding) returns exactly what Arrow returns, and leaves anything 
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from synth import VOCAB, make_sequences, rich_fields, same_bytes
@@ -28,7 +29,8 @@ def test_direct_reads_equal_arrow_reads_for_every_range(tmp_path, monkeypatch, c
     path = tmp_path / "s.parquet"
     shard_parquet.write(path, block, fields, compression=compression)
     direct, arrow = both_ways(path, fields)
-    assert {"topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "byte_offsets", "hidden/2", "hidden/5"} <= set(direct.direct)
+    assert {"topk_ids", "topk_logprobs", "byte_offsets", "hidden/2", "hidden/5"} <= set(direct.direct)
+    assert not {"sample_ids", "sample_counts"} & set(direct.direct)  # stored without padding: Arrow reads them
     for start in range(len(block)):
         for stop in range(start + 1, len(block) + 1):
             got, want = direct.read_range(start, stop), arrow.read_range(start, stop)
@@ -69,3 +71,18 @@ def _written(tmp_path, block, fields):
     path = tmp_path / "w.parquet"
     shard_parquet.write(path, block, fields)
     return path
+
+
+def test_a_version_1_0_shard_with_padded_sample_slots_reads_the_same(tmp_path, monkeypatch):
+    fields = rich_fields(8, "F16")
+    block = SeqBlock.from_sequences(make_sequences([5, 9, 1, 13], fields, VOCAB), fields)
+    with monkeypatch.context() as m:
+        m.setattr(shard_parquet, "RAGGED", {})  # the 1.0 writer: fixed [S] slots, padding stored
+        shard_parquet.write(tmp_path / "v10.parquet", block, fields)
+    assert pq.read_schema(tmp_path / "v10.parquet").field("sample_ids").type == pa.list_(pa.list_(pa.int32(), 4))
+    direct, arrow = both_ways(tmp_path / "v10.parquet", fields)
+    assert {"sample_ids", "sample_counts"} <= set(direct.direct)
+    for reader in (direct, arrow):
+        got = reader.read_all()
+        for name in block.token:
+            assert same_bytes(got.token[name], block.token[name]), name

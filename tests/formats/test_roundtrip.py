@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from synth import BACKENDS, make_manifest, make_sequences, random_sequence, rich_fields, same_bytes, write_cache
 
+from formats.errors import CacheError
 from formats.reader import open_cache
 from formats.schema import COUNT_DTYPES, HIDDEN_DTYPES, LOGPROB_DTYPES, SeqBlock, content_sha256, make_fields
+from formats.shard_parquet import ParquetShard
 from formats.verify import verify_cache
 from formats.writer import CacheWriter
 
@@ -191,7 +193,11 @@ def test_a_parquet_shard_is_a_plain_table_with_one_row_per_sequence(tmp_path):
     assert schema.field("input_ids").type == pa.list_(pa.int32())
     assert schema.field("topk_ids").type == pa.list_(pa.list_(pa.int32(), 4))
     assert schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float16(), 4))
-    assert schema.field("sample_counts").type == pa.list_(pa.list_(pa.uint16(), 2))
+    # RS-KD samples: one list per token holding only the drawn entries (the padding slots are not stored)
+    assert schema.field("sample_counts").type == pa.list_(pa.list_(pa.uint16()))
+    assert schema.field("sample_ids").type == pa.list_(pa.list_(pa.int32()))
+    drawn = seqs[1]["sample_counts"] > 0
+    assert table.column("sample_ids").to_pylist()[1] == [row[d].tolist() for row, d in zip(seqs[1]["sample_ids"], drawn)]
     assert schema.field("hidden/7").type == pa.list_(pa.list_(pa.uint16(), 3))
     assert schema.field("byte_offsets").type == pa.list_(pa.list_(pa.int32(), 2))
     assert schema.field("doc_index").type == pa.int64()
@@ -203,6 +209,8 @@ def test_a_parquet_shard_is_a_plain_table_with_one_row_per_sequence(tmp_path):
     column = pq.ParquetFile(path).metadata.row_group(0).column(0)
     assert column.compression == "ZSTD"
     assert not any("DICTIONARY" in e for e in column.encodings)
+    counts = pq.ParquetFile(path).metadata.row_group(0).column(table.column_names.index("sample_counts"))
+    assert "BYTE_STREAM_SPLIT" in counts.encodings
 
 
 def test_a_zarr_shard_is_a_flat_token_axis_with_seq_offsets(tmp_path):
@@ -223,3 +231,21 @@ def test_a_zarr_shard_is_a_flat_token_axis_with_seq_offsets(tmp_path):
     codecs = g["input_ids"].metadata.to_dict()["codecs"]
     assert codecs[0]["name"] == "sharding_indexed"
     assert any(c["name"] == "zstd" for c in codecs[0]["configuration"]["codecs"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ids, counts: ([[row + [7] * 3 for row in seq] for seq in ids], counts), "more than the 2 slots"),
+    (lambda ids, counts: ([[row[:1] for row in seq] for seq in ids], counts), "different numbers of samples per token"),
+], ids=["more_samples_than_slots", "ids_and_counts_disagree"])
+def test_a_crafted_sample_column_is_refused_naming_the_shard(tmp_path, change, message):
+    fields = make_fields(4, sample_slots=2, count_dtype="U8")
+    seqs = make_sequences([5, 3], fields, draws=9)
+    write_cache(tmp_path / "c", "parquet", [("train", s) for s in seqs], fields, draws=9, shard_tokens=100)
+    path = tmp_path / "c" / "shards" / "train-00000.parquet"
+    table = pq.read_table(path)
+    ids, counts = change(table.column("sample_ids").to_pylist(), table.column("sample_counts").to_pylist())
+    i = table.column_names.index("sample_ids")
+    table = table.set_column(i, "sample_ids", pa.array(ids, table.schema.field("sample_ids").type))
+    pq.write_table(table, tmp_path / "crafted.parquet")
+    with pytest.raises(CacheError, match=message):
+        ParquetShard(str(tmp_path / "crafted.parquet"), fields, "crafted.parquet").read_all()

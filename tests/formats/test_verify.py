@@ -126,7 +126,10 @@ DEFECTS = {
     "doc_index_negative": (_negative_doc_index, [("doc_index", "negative document index")]),
     "empty_sequence": (_empty, [(None, "sequence 0 is empty")]),
 }
-ZARR_DEFECTS = ("topk_id_at_vocab", "logprob_nan", "hidden_bf16_inf", "target_not_nan_at_last", "empty_sequence")
+ZARR_DEFECTS = ("topk_id_at_vocab", "logprob_nan", "hidden_bf16_inf", "target_not_nan_at_last", "empty_sequence",
+                "padding_with_count", "sampled_id_with_count_0")
+# Parquet stores RS-KD samples without their padding slots, so its writer refuses rows whose padding is out of place.
+PADDING_DEFECTS = ("padding_with_count", "sampled_id_with_count_0")
 
 
 def _defective_cache(root: Path, backend: str, mutate) -> None:
@@ -138,7 +141,14 @@ def _defective_cache(root: Path, backend: str, mutate) -> None:
     write_cache(root, backend, [("train", s) for s in seqs], fields, shard_tokens=20)
 
 
-@pytest.mark.parametrize("backend, defect", [("parquet", d) for d in DEFECTS] + [("zarr", d) for d in ZARR_DEFECTS])
+@pytest.mark.parametrize("defect", PADDING_DEFECTS)
+def test_the_parquet_writer_refuses_sample_padding_out_of_place(tmp_path, defect):
+    with pytest.raises(CacheError, match=r"row \d+: padding \(id -1, count 0\) must follow the drawn ids"):
+        _defective_cache(tmp_path / "c", "parquet", DEFECTS[defect][0])
+
+
+@pytest.mark.parametrize("backend, defect", [("parquet", d) for d in DEFECTS if d not in PADDING_DEFECTS]
+                         + [("zarr", d) for d in ZARR_DEFECTS])
 def test_a_value_defect_is_reported_once_naming_its_shard_and_field(tmp_path, backend, defect):
     mutate, expected = DEFECTS[defect]
     _defective_cache(tmp_path / "c", backend, mutate)
