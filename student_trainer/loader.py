@@ -12,15 +12,19 @@ within the epoch, batch size, world, shuffle window, cache id}; on resume it is 
 current settings, naming the field that differs.
 
 The pipeline is torchdata.nodes: window tasks -> ParallelMapper (worker processes read and collate one
-window each, in order, into one shared-memory buffer per window: `PackedBatches`) -> Unbatcher -> PinMemory
--> Prefetcher. Workers open the cache themselves (spawned, never forked: zarr's event loop thread does not
-survive a fork). A worker that dies (SIGKILL, OOM) fails the epoch with a LoaderError (`WatchedMapper`).
+window each, in order, into one shared-memory buffer, reused once the trainer has let go of the window it
+held: `PackedBatches`) -> Unbatcher -> PinMemory -> Prefetcher. Workers open the cache themselves (spawned,
+never forked: zarr's event loop thread does not survive a fork). A worker that dies (SIGKILL, OOM) fails the
+epoch with a LoaderError (`WatchedMapper`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
+import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
@@ -237,10 +241,12 @@ class PackedBatches:
     A worker process hands its results to the trainer through torch's shared-memory pickler, which costs a
     shared-memory segment and a file-descriptor hand-off (a socket round trip) per tensor: measured at
     about 5 s per million tokens with a dozen tensors per batch, more than decoding the cache. Here all
-    of a window's batch arrays are carved from one uint8 tensor, filled in place by collation, and cross
-    the process boundary as that one tensor; the trainer side rebuilds each Batch as views of it (no copy).
-    With `shared` (in a worker process) the buffer is allocated in shared memory from the start, so
-    collation writes the bytes the trainer reads and the pickler has nothing left to copy.
+    of a window's batch arrays are carved from one buffer, filled in place by collation, and cross the
+    process boundary as one file descriptor; the trainer side rebuilds each Batch as views of it (no copy).
+    The buffer is a reused slot of this process's shared-memory pool (`_take_slot`): fresh shared memory
+    is written at ~1.2 GB/s here (every 4 KiB page faults, is zeroed and accounted), which made a worker
+    twice as slow as the same work in the trainer process. With `shared` (in a worker process) the object
+    is only for sending: it pickles as the slot's descriptor and is rebuilt on the other side.
     """
 
     def __init__(self, seqs_per_batch: list[list[dict[str, np.ndarray]]], hidden_layers: list[int], pad_to: int,
@@ -255,16 +261,23 @@ class PackedBatches:
                 entries.append((name, offset, shape, dtype.str))
                 offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
             layouts.append((entries, sum(len(s["input_ids"]) for s in seqs)))
-        self.buffer = _shared_bytes(offset) if shared else torch.empty(offset, dtype=torch.uint8)
-        flat = self.buffer.numpy()
-        self.fillers = {}
-        for i, (seqs, layout) in enumerate(zip(seqs_per_batch, layouts)):
-            if layout is None:
-                self.fillers[i] = _filler_batch(fields, hidden_layers)
-                continue
-            out = {name: np.ndarray(shape, np.dtype(dt), buffer=flat, offset=off) for name, off, shape, dt in layout[0]}
-            _fill(seqs, out, hidden_layers)
-        self.layouts = layouts
+        self.layouts, self.nbytes = layouts, offset
+        self.fillers = {i: _filler_batch(fields, hidden_layers) for i, layout in enumerate(layouts) if layout is None}
+        self._slot = _take_slot(offset)
+        flat = np.frombuffer(self._slot.mapping, np.uint8, count=offset, offset=_HEADER)
+        for seqs, layout in zip(seqs_per_batch, layouts):
+            if layout is not None:
+                _fill(seqs, {name: np.ndarray(shape, np.dtype(dt), buffer=flat, offset=off)
+                             for name, off, shape, dt in layout[0]}, hidden_layers)
+        del flat  # no export of the mapping may outlive this: the pool may remap a free slot
+        self.buffer = None if shared else _lend(self._slot, offset)
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        if self.buffer is not None:
+            raise LoaderError("PackedBatches: only a window collated with shared=True can be sent to another process")
+        return _received, (DupFd(self._slot.fd), self.nbytes, self.layouts, self.fillers)
 
     def __len__(self) -> int:
         return len(self.layouts)
@@ -281,10 +294,85 @@ class PackedBatches:
         return _as_batch(arrays, num_tokens)
 
 
-def _shared_bytes(n: int) -> torch.Tensor:
-    """An uninitialised uint8 tensor of n bytes in shared memory (what `share_memory_` would copy it into)."""
-    storage = torch.UntypedStorage._new_shared(max(n, 1))  # the allocator torch's own pickler uses
-    return torch.empty(0, dtype=torch.uint8).set_(storage)[:n]
+# A window buffer's slot: a memfd (shared memory that any process it is handed to can map) with a header
+# whose byte 0 is 1 while the trainer may still read the window and 0 once every tensor of it is gone. A
+# process keeps up to _MAX_SLOTS slots mapped and collates each window into a free one, so after the first
+# few windows collation writes pages that are already there instead of faulting in fresh ones.
+_HEADER = 64
+_MAX_SLOTS = 8
+_SLOT_ROUND = 1 << 20
+
+
+@dataclass
+class _Slot:
+    fd: int
+    mapping: mmap.mmap  # header + capacity bytes, mapped for as long as the slot is in the pool
+    capacity: int
+
+
+_SLOTS: list[_Slot] = []  # this process's pool, oldest first
+
+
+def _take_slot(n: int) -> _Slot:
+    """A free slot of this process's pool holding at least n bytes, marked busy: the smallest that fits, else a
+    free one grown, else a new one (dropping the oldest slot past _MAX_SLOTS: a busy one dropped stays mapped
+    by whoever holds its window, and its memory goes when they let go)."""
+    free = [s for s in _SLOTS if s.mapping[0] == 0]
+    fits = [s for s in free if s.capacity >= n]
+    if fits:
+        slot = min(fits, key=lambda s: s.capacity)
+    else:
+        capacity = -(-(n + n // 4) // _SLOT_ROUND) * _SLOT_ROUND  # room for larger windows to come
+        if free:  # grow: the pages it has stay, only the new ones are faulted in
+            slot = max(free, key=lambda s: s.capacity)
+            os.ftruncate(slot.fd, _HEADER + capacity)
+            slot.mapping, slot.capacity = mmap.mmap(slot.fd, _HEADER + capacity), capacity
+        else:
+            if len(_SLOTS) >= _MAX_SLOTS:
+                os.close(_SLOTS.pop(0).fd)
+            fd = os.memfd_create("kdcache-window", os.MFD_CLOEXEC)
+            os.ftruncate(fd, _HEADER + capacity)
+            slot = _Slot(fd, mmap.mmap(fd, _HEADER + capacity), capacity)
+            _SLOTS.append(slot)
+    slot.mapping[0] = 1
+    return slot
+
+
+def _lend(slot: _Slot, n: int) -> torch.Tensor:
+    """The slot's first n bytes as a uint8 tensor; the slot turns free when that tensor's storage is freed
+    (the last tensor or storage of the window gone), not before."""
+    if n == 0:
+        slot.mapping[0] = 0
+        return torch.empty(0, dtype=torch.uint8)
+    view = memoryview(slot.mapping)[_HEADER : _HEADER + n]
+    weakref.finalize(view, _set_free, slot.mapping)  # the tensor's storage holds `view` until it is freed
+    return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def _set_free(mapping: mmap.mmap) -> None:
+    mapping[0] = 0
+
+
+def _received(dupfd, nbytes: int, layouts: list, fillers: dict[int, Batch]) -> PackedBatches:
+    """Trainer side of a window sent by a worker: map the worker's slot and view the window in it. When the
+    window's storage is freed the slot's busy byte is cleared through the descriptor, and the worker reuses it."""
+    fd = dupfd.detach()
+    mapping = mmap.mmap(fd, _HEADER + nbytes)
+    out = PackedBatches.__new__(PackedBatches)
+    out.layouts, out.nbytes, out.fillers, out._slot = layouts, nbytes, fillers, None
+    if nbytes == 0:
+        _release_sent(fd)
+        out.buffer = torch.empty(0, dtype=torch.uint8)
+        return out
+    view = memoryview(mapping)[_HEADER : _HEADER + nbytes]
+    weakref.finalize(view, _release_sent, fd)
+    out.buffer = torch.frombuffer(view, dtype=torch.uint8)
+    return out
+
+
+def _release_sent(fd: int) -> None:
+    os.pwrite(fd, b"\0", 0)
+    os.close(fd)
 
 
 _TORCH_DTYPE = {np.dtype(np.int64).str: torch.int64, np.dtype(np.float32).str: torch.float32,

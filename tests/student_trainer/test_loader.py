@@ -4,6 +4,7 @@ workers, exact mid-epoch resume, per-epoch shuffles, resume-state checks, and co
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 
 from formats.reader import open_cache
 from formats.schema import from_float32, make_fields, to_float32
-from student_trainer.loader import IGNORE, Batch, EpochReader, LoaderError, LoaderSettings, ResumeState, collate
+from student_trainer.loader import (IGNORE, Batch, EpochReader, LoaderError, LoaderSettings, PackedBatches, ResumeState,
+                                    collate)
 
 # Small batches and windows so that one epoch of the tiny cache has several windows and short last batches.
 SMALL = LoaderSettings(batch_size=2, shuffle_blocks=2, num_workers=0)
@@ -238,6 +240,102 @@ def test_the_filler_batch_takes_k_sample_slots_and_hidden_sizes_from_the_field_t
     filler = collate([], [5], fields=fields)
     assert filler.topk_logprobs.shape == (1, 1, K) and filler.sample_counts.shape == (1, 1, 3)
     assert filler.hidden[5].shape == (1, 1, 7) and filler.sample_ids.eq(-1).all()
+
+
+# ------------------------------------------------------------------------------------------- window buffers
+
+
+def window(seed: int) -> list[list[dict[str, np.ndarray]]]:
+    """Two batches of two sequences and an empty rank slice, the same sizes for every seed."""
+    rng = np.random.default_rng(seed)
+    seqs = [synthetic(rng.integers(1, 50, n).tolist(), doc=seed * 10 + i, seed=seed * 10 + i) for i, n in enumerate([9, 5, 7, 3])]
+    return [seqs[:2], seqs[2:], []]
+
+
+def expected(seqs_per_batch: list[list[dict[str, np.ndarray]]]) -> list[Batch]:
+    return [collate(seqs, [], fields=make_fields(K, "F32")) for seqs in seqs_per_batch]
+
+
+def test_a_window_buffer_is_reused_only_once_no_tensor_or_storage_of_its_batches_is_left():
+    fields = make_fields(K, "F32")
+    first = PackedBatches(window(1), [], 0, fields)
+    slot = first._slot
+    kept_ids, kept_storage = first[0].topk_ids, first[1].topk_logprobs.untyped_storage()
+    want = expected(window(1))
+    del first
+    gc.collect()
+    second = PackedBatches(window(2), [], 0, fields)  # must not be written over the first window's bytes
+    assert second._slot is not slot
+    assert torch.equal(kept_ids, want[0].topk_ids)
+    del kept_ids
+    gc.collect()
+    third = PackedBatches(window(3), [], 0, fields)  # a storage of the first window is still held
+    assert third._slot is not slot
+    reread = torch.frombuffer(bytearray(kept_storage), dtype=torch.uint8)  # the storage's bytes, copied out
+    assert reread.numel() > 0 and bool(third._slot.mapping[0]) and slot.mapping[0] == 1
+    del kept_storage, reread
+    gc.collect()
+    assert slot.mapping[0] == 0
+    fourth = PackedBatches(window(4), [], 0, fields)
+    assert fourth._slot is slot, "a free buffer of the right size was not reused"
+    assert all(same_batch(a, b) for a, b in zip([fourth[i] for i in range(len(fourth))], expected(window(4)), strict=True))
+    assert all(same_batch(a, b) for a, b in zip([second[i] for i in range(len(second))], expected(window(2)), strict=True))
+
+
+def test_batches_from_a_worker_that_reuses_its_buffers_equal_the_in_process_ones_kept_or_dropped(tiny_cache, monkeypatch):
+    import os
+
+    from student_trainer import loader
+
+    settings = dataclasses.replace(SMALL, shuffle_blocks=1, prefetch=1)  # small windows: buffers come round again
+    inline = list(EpochReader(tiny_cache, "train", settings, hidden_layers=[1]).batches(epoch=3))
+    buffers = []  # the inode of each window's buffer as the trainer side receives it
+
+    class Spy:
+        def __init__(self, dupfd):
+            self.dupfd = dupfd
+
+        def detach(self):
+            fd = self.dupfd.detach()
+            buffers.append(os.fstat(fd).st_ino)
+            return fd
+
+    received = loader._received
+    monkeypatch.setattr(loader, "_received", lambda dupfd, *rest: received(Spy(dupfd), *rest))
+    kept = []
+    worker = EpochReader(tiny_cache, "train", dataclasses.replace(settings, num_workers=1), hidden_layers=[1])
+    for i, (batch, want) in enumerate(zip(worker.batches(epoch=3), inline, strict=True)):
+        assert same_batch(batch, want), f"batch {i} differs from the in-process one"
+        if i == 0:
+            kept.append((i, batch))  # held on while later windows are read: its buffer must not be written over
+        del batch
+        gc.collect()
+    assert all(same_batch(batch, inline[i]) for i, batch in kept)
+    assert len(set(buffers)) < len(buffers), f"no buffer was reused over {len(buffers)} windows; the test proves little"
+
+
+def test_a_window_sent_to_another_process_stays_intact_until_it_lets_go_and_then_its_buffer_is_reused():
+    from multiprocessing.reduction import ForkingPickler
+
+    fields = make_fields(K, "F32")
+    sent = PackedBatches(window(5), [], 0, fields, shared=True)
+    slot = sent._slot
+    received = ForkingPickler.loads(bytes(ForkingPickler.dumps(sent)))  # what a worker's queue does, both ends
+    del sent
+    gc.collect()
+    batches = [received[i] for i in range(len(received))]
+    del received
+    assert slot.mapping[0] == 1, "the sender's buffer turned free while the receiver still maps it"
+    other = PackedBatches(window(6), [], 0, fields, shared=True)
+    assert other._slot is not slot
+    assert all(same_batch(a, b) for a, b in zip(batches, expected(window(5)), strict=True))
+    del batches
+    gc.collect()
+    assert slot.mapping[0] == 0, "the receiver let go but the sender's buffer stayed busy"
+    again = PackedBatches(window(7), [], 0, fields, shared=True)
+    assert again._slot is slot
+    with pytest.raises(LoaderError, match="shared=True"):
+        ForkingPickler.dumps(PackedBatches(window(8), [], 0, fields))
 
 
 # ------------------------------------------------------------------------------------------- worker failures
