@@ -58,9 +58,11 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
     k = m.top_k if top_k is None else top_k
     if not 0 <= k <= m.top_k:
         raise CacheError(f"{src}: convert --top-k must be in [0, {m.top_k}] (the cache's k), got {k}")
-    if k == 0 and (drop_samples or "sample_ids" not in m.fields):
-        raise CacheError(f"{src}: convert --top-k 0 keeps only the RS-KD samples, so the cache needs them "
-                         "(and --drop-samples would leave no teacher distribution)")
+    if k == 0 and "sample_ids" not in m.fields:
+        raise CacheError(f"{src}: convert --top-k 0 keeps only the RS-KD samples, and this cache has none")
+    if k == 0 and drop_samples:
+        raise CacheError(f"{src}: --drop-samples with top-k 0 would leave no teacher distribution"
+                         + (" (this cache keeps only RS-KD samples)" if m.top_k == 0 else ""))
     derive = k != m.top_k or (drop_samples and "sample_ids" in m.fields)
     fields, build = dict(m.fields), copy.deepcopy(m.build)
     if derive:

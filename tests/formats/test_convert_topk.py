@@ -92,8 +92,15 @@ def test_top_k_zero_keeps_the_samples_alone_with_all_mass_in_the_tail(tmp_path, 
 
 
 def test_top_k_zero_without_samples_to_keep_is_refused(tmp_path):
-    with pytest.raises(CacheError, match="keeps only the RS-KD samples"):
-        convert_cache(_source(tmp_path), "parquet", tmp_path / "bad", top_k=0, drop_samples=True)
+    src = _source(tmp_path)
+    with pytest.raises(CacheError, match="--drop-samples with top-k 0 would leave no teacher distribution$"):
+        convert_cache(src, "parquet", tmp_path / "bad", top_k=0, drop_samples=True)
+    convert_cache(src, "parquet", tmp_path / "k4", top_k=4, drop_samples=True)
+    with pytest.raises(CacheError, match="keeps only the RS-KD samples, and this cache has none"):
+        convert_cache(tmp_path / "k4", "parquet", tmp_path / "bad2", top_k=0)
+    convert_cache(src, "parquet", tmp_path / "k0", top_k=0)
+    with pytest.raises(CacheError, match=r"no teacher distribution \(this cache keeps only RS-KD samples\)"):
+        convert_cache(tmp_path / "k0", "parquet", tmp_path / "bad3", drop_samples=True)
 
 
 def test_cli_derives_with_the_source_backend_by_default(tmp_path):
