@@ -538,8 +538,36 @@ def _read_and_skip(item: tuple[WindowTask, int]) -> PackedBatches:
     import multiprocessing
 
     task, skip = item
-    return read_window(dataclasses.replace(task, batches=task.batches[skip:]),
-                       in_worker=multiprocessing.parent_process() is not None)
+    in_worker = multiprocessing.parent_process() is not None
+    if in_worker:
+        _keep_freed_memory()
+    return read_window(dataclasses.replace(task, batches=task.batches[skip:]), in_worker=in_worker)
+
+
+_MALLOC_TUNED = False
+
+
+def _keep_freed_memory() -> None:
+    """Make glibc's malloc in this worker process keep freed memory for reuse instead of returning it.
+
+    A window's decoded arrays (megabytes each) are freed once it is collated; by default glibc hands blocks
+    that large back to the kernel (mmap threshold, heap trimming), so the next window faults in and zeroes
+    every page again: a quarter of a worker's time went to the kernel's page-fault path (perf). With these
+    settings (given as GLIBC_TUNABLES to an in-process loop over the same windows) page faults fell 640k ->
+    50k and time 1.95 -> 1.38 s per million tokens of a Zarr cache, 1.59 -> 0.85 of a Parquet one. Only
+    worker processes, which hold nothing but windows, are changed; the trainer's allocator is left alone. A
+    no-op where the C library has no mallopt (not glibc)."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc malloc.h
+        mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GiB from the heap (glibc's own limit is 32 MiB)
+        mallopt(m_trim_threshold, (1 << 31) - 1)  # and freed heap kept (a C int: a worker's peak is a few windows)
 
 
 class WatchedMapper(BaseNode):

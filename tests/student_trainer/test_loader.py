@@ -338,6 +338,35 @@ def test_a_window_sent_to_another_process_stays_intact_until_it_lets_go_and_then
         ForkingPickler.dumps(PackedBatches(window(8), [], 0, fields))
 
 
+def faults_of_a_second_large_block(keep_freed_memory: bool) -> int:
+    """Page faults of allocating and filling 64 MiB again right after freeing the same (run in a fresh process)."""
+    import resource
+
+    from student_trainer import loader
+
+    if keep_freed_memory:
+        loader._keep_freed_memory()
+    block = bytearray(64 << 20)  # malloc + fill, like a window's decoded arrays (numpy would ask for huge pages)
+    del block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray(64 << 20)
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_a_worker_process_keeps_freed_memory_so_the_next_window_does_not_fault_its_pages_in_again():
+    import multiprocessing
+
+    pages = (64 << 20) // 4096
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        default = pool.apply(faults_of_a_second_large_block, (False,))
+    with spawn.Pool(1) as pool:
+        kept = pool.apply(faults_of_a_second_large_block, (True,))
+    assert default > pages // 2, f"{default} faults: malloc kept the block anyway; the test cannot tell the difference"
+    assert kept < pages // 20, f"{kept} page faults for {pages} pages: the freed block went back to the kernel"
+
+
 # ------------------------------------------------------------------------------------------- worker failures
 
 
