@@ -1,6 +1,6 @@
 """Loader throughput: collated training batches per second against the ceiling of the same shard bytes.
 
-    python benchmarks/loader.py [--tokens 200000] [--workers 1 2] [--batch-size 8]
+    python benchmarks/loader.py [--tokens 200000] [--workers 0 1 2] [--repeats 3] [--batch-size 8] [--no-results]
 
 Caches (written here, in a temporary folder, through `formats.writer.CacheWriter`): synthetic but shaped like
 a SmolLM2 teacher's: vocabulary 49152, sequences of 256-1024 tokens, top-k 64 ids (distinct, spread over the
@@ -14,19 +14,22 @@ Measured, per backend and variant, in one run:
   page / chunk in it zstd-decompressed (Parquet: the pages named by the column chunks' page headers; Zarr:
   the inner chunks named by each shard file's index), one core, no decoding beyond that;
 - loader: `EpochReader.batches` for one epoch with 1 and 2 worker processes (and 0, in-process), tokens
-  per second of real (unpadded) tokens delivered as collated tensors; steady state = from the first batch
-  on (worker start-up, i.e. spawning and importing torch, is reported apart);
-- where the time goes, in one process on the same blocks, as a worker does it: decode (`read_range`:
-  decompress + Arrow/Zarr to numpy), collate (padding, shifting, int32->int64, BF16->F32 into the window's
-  batch buffer), and the transfer from a worker to the trainer (torch's multiprocessing pickler, which moves
-  tensors to shared memory and hands over a file descriptor each, then the Batch views on the other side);
+  per second of real (unpadded) tokens delivered as collated tensors, every page of every tensor touched by
+  the consumer; steady state only (`loader_run`: worker start-up, i.e. spawning and importing torch, is
+  reported apart, and the windows read ahead at either end are left out of the clock);
+- where the time goes, in a process set up as a worker, on the same blocks: decode (`read_range`:
+  decompress + direct page / shard-index reads to numpy), collate (padding, shifting, int32->int64,
+  BF16->F32 into the window's buffer), and the transfer from a worker to the trainer (torch's
+  multiprocessing pickler: the window's buffer descriptor, mapped on the other side, Batch views, pages
+  touched, buffer handed back);
 - the demo student's consumption: training steps of a 4-layer student derived from the demo teacher
   (`student_from_teacher`), batch 4 x 256 tokens, forward-KL loss with ghost tail on top-64, AdamW, on
   this CPU: tokens per second it consumes.
 
-The last line printed is JSON with `ratio_to_ceiling` (loader tok/s / ceiling tok/s, worst case over
-backends and variants, best worker count each) and `over_demo_consumption` (the same loader figure / the
-demo student's tok/s), plus every figure. Writes its section of benchmarks/RESULTS.md.
+Every cache's ceiling and loader runs are repeated `--repeats` times, interleaved (the machine is shared);
+figures are medians. The last line printed is JSON with `ratio_to_ceiling` (loader tok/s / ceiling tok/s,
+worst case over backends and variants, best worker count each) and `over_demo_consumption` (the same
+loader figure / the demo student's tok/s), plus every figure. Writes its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -198,44 +202,77 @@ def ceiling(url: str) -> dict:
 # ------------------------------------------------------------------------------------------- the loader
 
 
+def touch(batch) -> int:
+    """Read one value from every 4 KiB page of every tensor of the batch, as a trainer's copy to the device would
+    read them: a worker's buffer is mapped into the trainer process page by page on first access, and that
+    cost belongs to the loader (the rest of reading every byte is the trainer's own copy, the same for any loader)."""
+    total = 0
+    tensors = [batch.input_ids, batch.position_ids, batch.labels, batch.kd_mask, batch.topk_ids, batch.topk_logprobs,
+               batch.tail_logmass, batch.target_logprob, batch.sample_ids, batch.sample_counts, *batch.hidden.values()]
+    for t in tensors:
+        if t is not None and t.numel():
+            flat = t.reshape(-1)
+            total += int(flat[:: max(1, 4096 // t.element_size())].to(torch.float64).sum().isfinite())
+    return total
+
+
 def loader_run(url: str, workers: int, batch_size: int, hidden: list[int]) -> dict:
-    """One epoch through `EpochReader.batches`. With workers, the clock starts once the windows the workers
-    began with at start-up are delivered (the first `workers` windows: spawning, importing torch and opening
-    the cache are start-up, reported apart); tokens of later windows over that time. Without workers the
-    whole epoch is timed."""
+    """One epoch through `EpochReader.batches`, every batch touched (`touch`); steady-state tokens per second.
+
+    The clock runs from the delivery of window `lead` to that of window `n - tail`, and counts the tokens of
+    the windows in between: `lead` = the windows the workers began with at start-up (spawning, importing torch
+    and opening the cache are start-up, reported apart; 1 without workers, whose first window opens the shard
+    readers), `tail` = as many windows as there are workers, because while they drain the last windows the
+    pipeline is no longer full. Windows are read ahead (two per worker), so a clock started after start-up
+    and stopped at the very end would credit the loader with work done before it started."""
     from student_trainer.loader import EpochReader, LoaderSettings
 
     reader = EpochReader(url, "train", LoaderSettings(batch_size=batch_size, shuffle_blocks=SHUFFLE_BLOCKS,
                                                       num_workers=workers, prefetch=4), hidden_layers=hidden)
-    windows = [len(task.batches) for task, _ in reader.tasks(0)]
-    skip = sum(windows[:workers])
+    sizes = [len(task.batches) for task, _ in reader.tasks(0)]
+    ends = np.cumsum(sizes)  # batch count at the end of each window
+    lead, tail = max(workers, 1), workers
+    if len(sizes) < lead + tail + 2:
+        raise SystemExit(f"{url}: {len(sizes)} windows are too few to measure {workers} workers; use more --tokens")
     t0 = time.perf_counter()
-    start, tokens, total = t0, 0, 0
+    done = []  # (time the window's last batch was delivered, its tokens)
+    tokens = i = 0
     for i, b in enumerate(reader.batches(epoch=0)):
-        total += b.num_tokens
-        if i < skip:
-            if i == skip - 1:
-                start = time.perf_counter()
-            continue
+        touch(b)
         tokens += b.num_tokens
-    end = time.perf_counter()
-    return {"workers": workers, "startup_s": start - t0, "tokens": total, "timed_tokens": tokens,
-            "windows": len(windows), "tok_s": tokens / (end - start)}
+        if i + 1 == ends[len(done)]:
+            done.append((time.perf_counter(), tokens))
+            tokens = 0
+        del b
+    assert i + 1 == ends[-1] and len(done) == len(sizes)
+    start, stop = done[lead - 1][0], done[len(sizes) - tail - 1][0]
+    timed = sum(n for _, n in done[lead : len(sizes) - tail])
+    return {"workers": workers, "startup_s": start - t0, "tokens": sum(n for _, n in done), "timed_tokens": timed,
+            "windows": len(sizes), "tok_s": timed / (stop - start)}
 
 
 def breakdown(url: str, batch_size: int, hidden: list[int]) -> dict:
-    """Seconds per million tokens for decode, collate and worker->trainer transfer, in one process."""
+    """Seconds per million tokens for decode, collate and worker->trainer transfer, in a process of its own set
+    up as a loader worker (`_keep_freed_memory`), both ends of the transfer in it: pickling the window (its
+    buffer's descriptor), unpickling it (mapping the buffer), the Batch views, every page touched, and the
+    window let go of (which hands its buffer back to the pool)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_breakdown, (url, batch_size, hidden))
+
+
+def _breakdown(url: str, batch_size: int, hidden: list[int]) -> dict:
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401  (registers the shared-memory tensor reductions)
-
     from formats.reader import open_cache
-    from student_trainer.loader import PackedBatches
+    from student_trainer.loader import PackedBatches, _keep_freed_memory
 
+    _keep_freed_memory()
     cache = open_cache(url)
     fields = cache.manifest.fields
     best = None
-    for _ in range(2):  # the machine is shared: the faster of two passes
+    for _ in range(3):  # the machine is shared: the fastest of three passes (the first also warms the pool)
         t_dec = t_col = t_xfer = 0.0
         tokens = 0
         for entry in cache.shards("train"):
@@ -248,7 +285,9 @@ def breakdown(url: str, batch_size: int, hidden: list[int]) -> dict:
                                         for i in range(0, len(block), batch_size)], hidden, 0, fields, shared=True)
                 t2 = time.perf_counter()
                 received = ForkingPickler.loads(bytes(ForkingPickler.dumps(packed)))
-                [received[i] for i in range(len(received))]
+                for i in range(len(received)):
+                    touch(received[i])
+                del received, packed
                 t3 = time.perf_counter()
                 t_dec, t_col, t_xfer = t_dec + t1 - t0, t_col + t2 - t1, t_xfer + t3 - t2
                 tokens += block.num_tokens
@@ -298,35 +337,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=200_000, help="tokens per cache")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of ceiling and loader runs, interleaved over all caches")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--demo-steps", type=int, default=3)
     ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
 
-    import torch
-
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-loader-bench-"))
     rows = []
     for variant in ("plain", "full"):
         for backend in ("parquet", "zarr"):
-            full = variant == "full"
             t0 = time.perf_counter()
-            url = write_cache(tmp / f"{variant}-{backend}", backend, full, args.tokens)
+            url = write_cache(tmp / f"{variant}-{backend}", backend, variant == "full", args.tokens)
             print(f"[{variant}/{backend}] cache written in {time.perf_counter() - t0:.1f} s", flush=True)
-            hidden = [LAYER] if full else []
-            row = {"variant": variant, "backend": backend, "ceiling": ceiling(url),
-                   "breakdown": breakdown(url, args.batch_size, hidden),
-                   "runs": [loader_run(url, w, args.batch_size, hidden) for w in args.workers]}
-            c = row["ceiling"]
-            best = max(r["tok_s"] for r in row["runs"] if r["workers"] > 0) if any(r["workers"] for r in row["runs"]) \
-                else max(r["tok_s"] for r in row["runs"])
-            row["best_tok_s"], row["ratio"] = best, best / c["tok_s"]
-            print(f"[{variant}/{backend}] ceiling {c['tok_s']:,.0f} tok/s (read {c['read_s']:.3f} s, decompress "
-                  f"{c['decompress_s']:.3f} s, {c['decompress_gb_s']:.2f} GB/s); "
-                  + ", ".join(f"{r['workers']}w {r['tok_s']:,.0f} tok/s" for r in row["runs"])
-                  + f"; ratio {row['ratio']:.2f}; breakdown s/Mtok " + json.dumps({k: round(v, 2) for k, v in row["breakdown"].items()}),
-                  flush=True)
-            rows.append(row)
+            rows.append({"variant": variant, "backend": backend, "url": url, "hidden": [LAYER] if variant == "full" else [],
+                         "ceilings": [], "runs": {w: [] for w in args.workers}})
+    # The machine is shared: every round measures every cache's ceiling and every worker count in turn, so a
+    # busy spell hits all of them alike; figures are medians over the rounds, with their spread.
+    for rnd in range(args.repeats):
+        for row in rows:
+            row["ceilings"].append(ceiling(row["url"]))
+            for w in args.workers:
+                row["runs"][w].append(loader_run(row["url"], w, args.batch_size, row["hidden"]))
+            print(f"round {rnd} [{row['variant']}/{row['backend']}] ceiling {row['ceilings'][-1]['tok_s']:,.0f} tok/s; "
+                  + ", ".join(f"{w}w {row['runs'][w][-1]['tok_s']:,.0f}" for w in args.workers), flush=True)
+    for row in rows:
+        row["breakdown"] = breakdown(row["url"], args.batch_size, row["hidden"])
+        row["ceiling"] = _median_by(row["ceilings"], "tok_s")
+        row["median"] = {w: float(np.median([r["tok_s"] for r in runs])) for w, runs in row["runs"].items()}
+        row["spread"] = {w: (min(r["tok_s"] for r in runs), max(r["tok_s"] for r in runs)) for w, runs in row["runs"].items()}
+        with_workers = [w for w in args.workers if w > 0] or args.workers
+        row["best_workers"] = max(with_workers, key=lambda w: row["median"][w])
+        row["best_tok_s"] = row["median"][row["best_workers"]]
+        row["ratio"] = row["best_tok_s"] / row["ceiling"]["tok_s"]
+        c = row["ceiling"]
+        print(f"[{row['variant']}/{row['backend']}] ceiling {c['tok_s']:,.0f} tok/s (read {c['read_s']:.3f} s, decompress "
+              f"{c['decompress_s']:.3f} s, {c['decompress_gb_s']:.2f} GB/s); "
+              + ", ".join(f"{w}w {row['median'][w]:,.0f} tok/s" for w in args.workers)
+              + f"; ratio {row['ratio']:.2f}; breakdown s/Mtok " + json.dumps({k: round(v, 2) for k, v in row["breakdown"].items()}),
+              flush=True)
     demo = demo_consumption(args.demo_steps)
     print(f"demo student: {demo['tok_s']:.0f} tok/s ({demo['step_s']:.2f} s per step of {demo['batch']}x{demo['seq']})", flush=True)
 
@@ -336,78 +385,129 @@ def main() -> None:
         "ratio_to_ceiling": round(worst["ratio"], 3),
         "over_demo_consumption": round(slowest / demo["tok_s"], 1),
         "demo_tok_s": round(demo["tok_s"], 1),
-        "loader_tok_s": {f"{r['variant']}/{r['backend']}/{x['workers']}w": round(x["tok_s"]) for r in rows for x in r["runs"]},
+        "loader_tok_s": {f"{r['variant']}/{r['backend']}/{w}w": round(v) for r in rows for w, v in r["median"].items()},
         "ceiling_tok_s": {f"{r['variant']}/{r['backend']}": round(r["ceiling"]["tok_s"]) for r in rows},
         "ratio": {f"{r['variant']}/{r['backend']}": round(r["ratio"], 3) for r in rows},
         "tokens": rows[0]["ceiling"]["tokens"],
+        "repeats": args.repeats,
     }
     if not args.no_results:
         write_results(args, rows, demo, figures, torch.__version__)
     print(json.dumps(figures))
 
 
-# The same script's figures before this round of loader work (commit 0e1d5e9: a tensor-per-field batch list
-# pickled from the worker, collation through temporaries, Arrow/zarr-python decoding), measured on this
-# machine on 2026-11-23 with `--tokens 200000 --workers 0 1 2`: kept to show what changed.
+def _median_by(items: list[dict], key: str) -> dict:
+    """The item whose `key` is the median (the lower middle one for an even count)."""
+    return sorted(items, key=lambda x: x[key])[(len(items) - 1) // 2]
+
+
+# The same script's figures before this round (commit c1beb48, the Loader section of RESULTS.md then: a fresh
+# shared-memory buffer per window, worker allocator as is, batches not touched by the consumer, one run),
+# measured on this machine on 2026-11-23 with `--tokens 200000 --workers 0 1 2`: kept to show what changed.
 BEFORE = {
-    "plain/parquet": {"decode": 1.52, "collate": 0.37, "transfer": 4.93, "1w": 276822, "2w": 374783, "ratio": 0.22},
-    "plain/zarr": {"decode": 1.91, "collate": 0.39, "transfer": 5.74, "1w": 250477, "2w": 229559, "ratio": 0.12},
-    "full/parquet": {"decode": 19.09, "collate": 5.68, "transfer": 22.56, "1w": 24531, "2w": 38613, "ratio": 0.21},
-    "full/zarr": {"decode": 7.8, "collate": 4.33, "transfer": 25.88, "1w": 46320, "2w": 59989, "ratio": 0.21},
+    "plain/parquet": {"ceiling": 1416124, "0w": 590144, "1w": 282967, "2w": 267418, "ratio": 0.20,
+                      "decode": 0.99, "collate": 1.21, "transfer": 0.56},
+    "plain/zarr": {"ceiling": 1573870, "0w": 542006, "1w": 207819, "2w": 399089, "ratio": 0.25,
+                   "decode": 0.92, "collate": 1.12, "transfer": 0.39},
+    "full/parquet": {"ceiling": 176510, "0w": 91185, "1w": 68430, "2w": 69398, "ratio": 0.39,
+                     "decode": 6.14, "collate": 5.22, "transfer": 1.63},
+    "full/zarr": {"ceiling": 339910, "0w": 111434, "1w": 85783, "2w": 99420, "ratio": 0.29,
+                  "decode": 3.78, "collate": 5.58, "transfer": 1.75},
 }
 
 
 def write_results(args, rows: list[dict], demo: dict, figures: dict, torch_version: str) -> None:
     cmd = ".venv/bin/python benchmarks/loader.py " + " ".join(sys.argv[1:])
+    ws = args.workers
     out = io.StringIO()
     out.write(f"Command: `{cmd.strip()}`  \nMachine: 2-core AMD EPYC CPU (shared with other work while measured), "
               f"{platform.machine()}, no GPU, torch {torch_version}\n\n")
     out.write(f"Caches: synthetic (see the script's docstring), {figures['tokens']} tokens each, sequences of "
               f"256-1024 tokens, top-k {K} BF16; *full* adds RS-KD {DRAWS} draws/{DRAWS} slots and hidden layer "
               f"{LAYER} ({HIDDEN} BF16). Batches of {args.batch_size} sequences, shuffle window {SHUFFLE_BLOCKS} block(s). Loader "
-              "figures are real tokens per second in the steady state (after the first batch).\n\n")
+              "figures are real tokens per second delivered as collated batches in the steady state (the windows read "
+              "ahead at start-up and drained at the end left out), each batch's tensors touched by the consumer (one value per 4 KiB page, so "
+              f"mapping a worker's buffer into the trainer counts). {args.repeats} rounds, each measuring every cache's "
+              "ceiling and every worker count in turn; the table gives medians and, in brackets, the range over the "
+              "rounds. s/Mtok = seconds per million tokens, measured in a process set up as a worker.\n\n")
     out.write("| variant | backend | ceiling tok/s (read + zstd, 1 core) | " +
-              " | ".join(f"loader {w}w tok/s" for w in args.workers) +
+              " | ".join(f"loader {w}w tok/s" for w in ws) +
               " | best / ceiling | decode s/Mtok | collate s/Mtok | transfer s/Mtok | worker start s |\n")
-    out.write("|---|---|---|" + "---|" * len(args.workers) + "---|---|---|---|---|\n")
+    out.write("|---|---|---|" + "---|" * len(ws) + "---|---|---|---|---|\n")
     for r in rows:
         b = r["breakdown"]
-        starts = max(x["startup_s"] for x in r["runs"])
-        out.write(f"| {r['variant']} | {r['backend']} | {r['ceiling']['tok_s']:,.0f} | " +
-                  " | ".join(f"{x['tok_s']:,.0f}" for x in r["runs"]) +
-                  f" | {r['ratio']:.2f} | {b['decode_s_per_mtok']:.2f} | {b['collate_s_per_mtok']:.2f} | "
+        cs = [c["tok_s"] for c in r["ceilings"]]
+        starts = max(x["startup_s"] for runs in r["runs"].values() for x in runs)
+        out.write(f"| {r['variant']} | {r['backend']} | {r['ceiling']['tok_s']:,.0f} ({min(cs) / 1e3:,.0f}k-{max(cs) / 1e3:,.0f}k) | " +
+                  " | ".join(f"{r['median'][w]:,.0f} ({r['spread'][w][0] / 1e3:,.0f}k-{r['spread'][w][1] / 1e3:,.0f}k)" for w in ws) +
+                  f" | {r['ratio']:.2f} ({r['best_workers']}w) | {b['decode_s_per_mtok']:.2f} | {b['collate_s_per_mtok']:.2f} | "
                   f"{b['transfer_s_per_mtok']:.2f} | {starts:.1f} |\n")
-    out.write("\nBefore this round (same script and machine, commit 0e1d5e9; s/Mtok = seconds per million tokens):\n\n"
-              "| variant/backend | decode s/Mtok | collate s/Mtok | transfer s/Mtok | loader 1w tok/s | loader 2w tok/s | "
-              "best / ceiling |\n|---|---|---|---|---|---|---|\n")
-    for key, b in BEFORE.items():
-        out.write(f"| {key} | {b['decode']} | {b['collate']} | {b['transfer']} | {b['1w']:,} | {b['2w']:,} | {b['ratio']} |\n")
-    out.write("\nWhat changed: (1) transfer, the worst: a worker now collates a whole window into one buffer allocated "
-              "in shared memory (`PackedBatches`), which crosses to the trainer as one tensor (one file-descriptor "
-              "hand-off instead of one per tensor, and no copy into shared memory); (2) collate writes straight into "
-              "that buffer and widens BF16 in place (no temporaries); (3) decode: fixed-width token columns of "
-              "Parquet shards are read page by page (zstd, then the PLAIN values; Arrow's per-value level decoding "
-              "skipped) and Zarr shards are read through their shard index with zstd directly (zarr-python's "
-              "per-read event-loop overhead skipped); any other layout still goes through Arrow / zarr-python; "
-              "(4) a worker keeps its shard readers open across windows instead of re-opening them per window. "
-              "Left as is: a Zarr read block (~16k tokens of whole sequences) does not line up with the arrays' inner "
-              "chunks, so most blocks decompress two chunks (the ceiling decompresses each once); cutting blocks at "
-              "chunk boundaries would change every Zarr cache's epoch order and so break resuming older checkpoints.\n")
+    spread = max((hi - lo) / r["median"][w] for r in rows for w, (lo, hi) in r["spread"].items())
+    out.write(f"\nNoise: the widest range of one loader figure over the rounds was {spread:.0%} of its median.\n")
+    out.write("\nBefore and after this round (before: the figures this section held, commit c1beb48, one run, batches not "
+              "touched by the consumer; after: the medians above):\n\n"
+              "| variant/backend | ceiling tok/s | " + " | ".join(f"loader {w}w tok/s" for w in ws) +
+              " | best / ceiling | decode s/Mtok | collate s/Mtok | transfer s/Mtok |\n|---|---|" + "---|" * len(ws) + "---|---|---|---|\n")
+    for r in rows:
+        key, b = f"{r['variant']}/{r['backend']}", r["breakdown"]
+        old = BEFORE[key]
+        out.write(f"| {key} | {old['ceiling']:,} -> {r['ceiling']['tok_s']:,.0f} | " +
+                  " | ".join(f"{old[f'{w}w']:,} -> {r['median'][w]:,.0f}" if f"{w}w" in old else f"{r['median'][w]:,.0f}" for w in ws) +
+                  f" | {old['ratio']:.2f} -> {r['ratio']:.2f} | {old['decode']} -> {b['decode_s_per_mtok']:.2f} | "
+                  f"{old['collate']} -> {b['collate_s_per_mtok']:.2f} | {old['transfer']} -> {b['transfer_s_per_mtok']:.2f} |\n")
+    out.write(WHAT_CHANGED)
     out.write(f"\nDemo student consumption (measured here): {demo['tok_s']:.0f} tok/s = one training step of "
               f"{demo['batch']}x{demo['seq']} tokens in {demo['step_s']:.2f} s (4-layer student derived from the demo "
               f"teacher, fkl_ghost on top-{K}, AdamW, {demo['threads']} threads).\n\n")
-    out.write(f"**ratio_to_ceiling = {figures['ratio_to_ceiling']}** (worst variant/backend, best worker count; goal "
+    out.write(f"**ratio_to_ceiling = {figures['ratio_to_ceiling']}** (worst variant/backend, best worker count by median; goal "
               f">= 0.5), **over_demo_consumption = {figures['over_demo_consumption']}x** (slowest variant/backend; "
               "goal >= 20x).\n")
-    met = [k for k, v in figures["ratio"].items() if v >= 0.5]
+    met = [f"{k} {v:.2f}" for k, v in figures["ratio"].items() if v >= 0.5]
     missed = [f"{k} {v:.2f}" for k, v in figures["ratio"].items() if v < 0.5]
-    out.write(f"\nGoal >= 0.5x of the ceiling: {'met for ' + ', '.join(met) if met else 'met for none'}; "
-              f"{'not met for ' + ', '.join(missed) if missed else 'met everywhere'}. The ceiling is one core doing "
+    out.write(f"\nGoal >= 0.5x of the ceiling: {'met for ' + ', '.join(met) if met else 'met for none'}"
+              f"{'; not met for ' + ', '.join(missed) if missed else ''}. The ceiling is one core doing "
               "nothing but read and decompress; the loader also decodes, pads, widens to int64/float32 (2-4x the "
-              "stored bytes, written to fresh shared memory) and hands over, on a 2-core machine shared with other "
-              "jobs while measured (figures between runs moved by up to 2x). Goal >= 20x the demo student's "
-              f"consumption: {'met' if figures['over_demo_consumption'] >= 20 else 'not met'}.\n")
+              "stored bytes) and hands over, on a 2-core machine shared with other jobs while measured. Goal >= 20x "
+              f"the demo student's consumption: {'met' if figures['over_demo_consumption'] >= 20 else 'not met'}.\n")
     update_results("Loader throughput", out.getvalue())
+
+
+WHAT_CHANGED = """
+What changed, and why (measured with `perf`, cProfile and the page-fault counters of `getrusage` on the same
+caches, one window at a time):
+
+1. Workers trailed the in-process loader (1 worker at half its speed) because a worker wrote each window into
+   *fresh* shared memory: on this machine a fresh shared-memory page is faulted in, zeroed and accounted at
+   about 1.2 GB/s (20 MiB: 17 ms, 5,120 faults), against 40 GB/s for pages already mapped; that was 0.65 s per
+   million tokens of collation for the plain cache (278 faults per 1000 tokens), as much as decoding it. A
+   process now keeps a small pool of window buffers (memfd shared memory, up to 8) and collates into a free
+   one; the trainer side maps the buffer it is sent, and when the last tensor or storage of the window is
+   freed it clears the buffer's busy byte, so the worker reuses it (`PackedBatches`, `_take_slot`). Mapping
+   an existing buffer costs ~1.7 ms per 20 MiB in the trainer.
+2. What was left of a worker's time was a quarter kernel time (perf: page faults, page clearing, unmapping):
+   the decoded arrays of each window (megabytes each) were handed back to the kernel by glibc's malloc when
+   freed and faulted in again for the next window. Worker processes now tell malloc to keep freed memory
+   (`mallopt`: mmap threshold 1 GiB, no trimming; the trainer process is left alone): page faults in an
+   in-process loop over the plain Zarr cache fell from 640k to 50k and its time from 1.95 to 1.38 s per
+   million tokens (plain Parquet 1.59 -> 0.85, full Zarr 4.5 -> 3.4, full Parquet 5.2 -> 4.4).
+3. The benchmark: its consumer now touches every page of every tensor it gets (before, it only counted
+   tokens, which left a worker's buffer unmapped in the trainer and so under-counted the worker path); the
+   clock now leaves out the windows read ahead at both ends (before, it started once start-up was over but
+   the workers had already read into the next windows, which flattered the worker figures with few windows);
+   every figure is a median over interleaved rounds, and the breakdown runs in a process set up as a worker.
+   Tried and dropped: decompressing only the needed head of a Zarr chunk (pyarrow's streaming zstd was slower
+   than decompressing the whole chunk with numcodecs: 1.32 vs 1.07 s/Mtok CPU) and mapping shard files
+   instead of reading the compressed bytes (no measurable change).
+
+Where the time goes now: decode (zstd and the direct page / shard-index readers) is most of it; collation is
+a fraction for the plain caches and about half for the full ones, whose batches are 5 KB per token once
+widened to int64/float32 (hidden layer 576 x 4 bytes, 50 sample slots x 12 bytes); transfer is the
+descriptor hand-off and mapping. Left as it was: a Zarr read block (~16k tokens of whole sequences) does not
+line up with the arrays' inner chunks, so most blocks decompress two chunks (the ceiling decompresses each
+once); cutting blocks at chunk boundaries would change every Zarr cache's epoch order and so break resuming
+older checkpoints. The earlier round (one buffer per window instead of a tensor per field, direct Parquet page
+and Zarr shard-index readers, shard readers kept open) is in commits eab2248, 96a288b and c1beb48.
+"""
 
 
 if __name__ == "__main__":
