@@ -79,6 +79,12 @@ def _drawn_slots(block: SeqBlock) -> np.ndarray:
     return drawn
 
 
+def leaf_paths(fields: dict[str, FieldSpec]) -> dict[str, str]:
+    """Field -> the path of its Parquet leaf column. Arrow keys per-column writer settings by these paths and
+    silently applies its defaults to a column the settings do not name."""
+    return {n: n + ".list.element" * ((s.per == "token") + bool(s.shape)) for n, s in fields.items()}
+
+
 COMPRESSIONS = ("zstd", "none")
 
 
@@ -90,8 +96,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
     if compression not in COMPRESSIONS:
         raise CacheError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     schema = arrow_schema(fields)
-    # Per-column settings are keyed by the leaf column's path; a column missing from the dict gets Arrow's default.
-    leaf = {n: n + ".list.element" * ((s.per == "token") + bool(s.shape)) for n, s in fields.items()}
+    leaf = leaf_paths(fields)
     codec: dict = {"compression": "none"}
     if compression == "zstd":
         codec = {"compression": "zstd", "compression_level": {leaf[n]: ZSTD_LEVELS.get(n, 3) for n in fields}}

@@ -18,7 +18,7 @@ from synth import BACKENDS, make_manifest, make_sequences, random_sequence, rich
 from formats.errors import CacheError
 from formats.reader import open_cache
 from formats.schema import COUNT_DTYPES, HIDDEN_DTYPES, LOGPROB_DTYPES, SeqBlock, content_sha256, make_fields
-from formats.shard_parquet import ParquetShard
+from formats.shard_parquet import ParquetShard, leaf_paths
 from formats.verify import verify_cache
 from formats.writer import CacheWriter
 
@@ -211,6 +211,9 @@ def test_a_parquet_shard_is_a_plain_table_with_one_row_per_sequence(tmp_path):
     assert not any("DICTIONARY" in e for e in column.encodings)
     counts = pq.ParquetFile(path).metadata.row_group(0).column(table.column_names.index("sample_counts"))
     assert "BYTE_STREAM_SPLIT" in counts.encodings
+    # the writer's per-column zstd levels and encodings are keyed by these paths: they must name every column
+    meta = pq.ParquetFile(path).metadata
+    assert sorted(leaf_paths(fields).values()) == sorted(meta.schema.column(i).path for i in range(meta.num_columns))
 
 
 def test_a_zarr_shard_is_a_flat_token_axis_with_seq_offsets(tmp_path):
