@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import mmap
 import os
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -311,12 +312,18 @@ class _Slot:
 
 
 _SLOTS: list[_Slot] = []  # this process's pool, oldest first
+_SLOTS_LOCK = threading.Lock()  # two in-process readers (say train and eval) collate on two prefetch threads
 
 
 def _take_slot(n: int) -> _Slot:
     """A free slot of this process's pool holding at least n bytes, marked busy: the smallest that fits, else a
     free one grown, else a new one (dropping the oldest slot past _MAX_SLOTS: a busy one dropped stays mapped
     by whoever holds its window, and its memory goes when they let go)."""
+    with _SLOTS_LOCK:
+        return _take_slot_locked(n)
+
+
+def _take_slot_locked(n: int) -> _Slot:
     free = [s for s in _SLOTS if s.mapping[0] == 0]
     fits = [s for s in free if s.capacity >= n]
     if fits:

@@ -256,7 +256,15 @@ def expected(seqs_per_batch: list[list[dict[str, np.ndarray]]]) -> list[Batch]:
     return [collate(seqs, [], fields=make_fields(K, "F32")) for seqs in seqs_per_batch]
 
 
-def test_a_window_buffer_is_reused_only_once_no_tensor_or_storage_of_its_batches_is_left():
+@pytest.fixture()
+def empty_pool(monkeypatch):
+    """This process's window buffer pool, empty (earlier tests leave free buffers of the same size in it)."""
+    from student_trainer import loader
+
+    monkeypatch.setattr(loader, "_SLOTS", [])
+
+
+def test_a_window_buffer_is_reused_only_once_no_tensor_or_storage_of_its_batches_is_left(empty_pool):
     fields = make_fields(K, "F32")
     first = PackedBatches(window(1), [], 0, fields)
     slot = first._slot
@@ -314,7 +322,7 @@ def test_batches_from_a_worker_that_reuses_its_buffers_equal_the_in_process_ones
     assert len(set(buffers)) < len(buffers), f"no buffer was reused over {len(buffers)} windows; the test proves little"
 
 
-def test_a_window_sent_to_another_process_stays_intact_until_it_lets_go_and_then_its_buffer_is_reused():
+def test_a_window_sent_to_another_process_stays_intact_until_it_lets_go_and_then_its_buffer_is_reused(empty_pool):
     from multiprocessing.reduction import ForkingPickler
 
     fields = make_fields(K, "F32")
