@@ -14,9 +14,11 @@ printed is JSON with `capture_tok_s`, `forward_tok_s`, `ratio`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +64,7 @@ def main() -> None:
     from formats.tokenizer import tokenizer_info
 
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # caches of hundreds of MB
     corpus = stdlib_corpus(tmp / "corpus", args.tokens)
     path, _ = resolve_teacher_path(args.teacher)
     tokenizer = AutoTokenizer.from_pretrained(path)

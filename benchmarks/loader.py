@@ -35,10 +35,12 @@ loader figure / the demo student's tok/s), plus every figure. Writes its section
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -344,6 +346,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-loader-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # caches of hundreds of MB
     rows = []
     for variant in ("plain", "full"):
         for backend in ("parquet", "zarr"):

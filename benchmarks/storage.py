@@ -45,10 +45,12 @@ The last line printed is JSON with `bytes_per_token` (mode -> Parquet zstd file 
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import math
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -183,6 +185,7 @@ def main() -> None:
 
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-storage-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # caches of hundreds of MB
     corpus = stdlib_corpus(tmp / "corpus", args.tokens * 4)  # ~3.5-4 characters per token of code
     path, teacher_name = resolve_teacher_path("default")
     tokenizer = AutoTokenizer.from_pretrained(path)

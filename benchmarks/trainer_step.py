@@ -28,11 +28,13 @@ online_over_offline_memory (online / kd_topk), plus every mode's figures. Sectio
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import statistics
 import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -191,6 +193,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if not args.cache:
         tmp = Path(tempfile.mkdtemp(prefix="kdcache-step-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # caches of hundreds of MB
         args.cache = str(tmp / "cache")
         build_cache(Path(args.cache), args.batch * args.seq_len * (args.steps + 2), args.seq_len)
     if not args.student:  # derive the student once: deriving loads the whole teacher, which no mode should count
@@ -198,6 +201,7 @@ def main() -> None:
         from student_trainer.student import student_from_teacher
 
         args.student = tempfile.mkdtemp(prefix="kdcache-step-student-")
+        atexit.register(shutil.rmtree, args.student, ignore_errors=True)  # a student folder of ~100 MB
         student, _, _ = student_from_teacher(open_cache(args.cache).manifest.teacher["path"], args.layers, seed=0)
         student.save_pretrained(args.student)
         del student

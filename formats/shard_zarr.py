@@ -1,7 +1,7 @@
 """Zarr v3 shards: one group per shard, a flat token axis plus `seq_offsets` (SPEC.md, Backends/Zarr).
 
-Each array uses the sharding codec, so it is one file on disk with inner chunks of about
-`CHUNK_TOKENS` tokens: the write unit is the whole array (written once, never concurrently), the read
+Each array uses the sharding codec, so it is one file on disk with inner chunks of at most `CHUNK_TOKENS`
+rows and about `CHUNK_BYTES`: the write unit is the whole array (written once, never concurrently), the read
 unit one inner chunk.
 """
 
@@ -16,7 +16,15 @@ import numpy as np
 from formats.errors import CacheError
 from formats.schema import FORMAT_NAME, FORMAT_VERSION, ZSTD_LEVELS, FieldSpec, SeqBlock
 
-CHUNK_TOKENS = 16384
+# Readers stream a shard in blocks of whole sequences, about BLOCK_TOKENS tokens each; the loader's epoch order
+# is built from these blocks, so BLOCK_TOKENS must not change. A block starts and ends inside inner chunks, and
+# a chunk is decompressed whole: inner chunks much smaller than a block keep that overshoot small. Chunks as
+# long as a block made every block decompress ~2.1x the rows it returns (benchmarks/loader.py, plain Zarr);
+# at 256 KiB / 4096 rows the overshoot is under 1.25x and the cache is no bigger (k=64 cache: 356.7 -> 353.1
+# B/token). Older caches keep the chunks they were written with.
+BLOCK_TOKENS = 16384
+CHUNK_TOKENS = 4096
+CHUNK_BYTES = 256 << 10
 _ZARR_DTYPE = {"I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16",
                "F32": "float32", "F16": "float16", "BF16": "uint16"}
 
@@ -67,7 +75,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
             target, leaf = hidden, name.split("/", 1)[1]
         # Chunk by bytes, not rows, so wide hidden rows do not make huge chunks.
         row_bytes = max(1, data[:1].nbytes)
-        _create(target, leaf, data, max(1, min(CHUNK_TOKENS, (4 << 20) // row_bytes)), attributes, compression,
+        _create(target, leaf, data, max(1, min(CHUNK_TOKENS, CHUNK_BYTES // row_bytes)), attributes, compression,
                 ZSTD_LEVELS.get(name, 3))
 
 
@@ -137,7 +145,7 @@ class ZarrShard:
     def read_all(self) -> SeqBlock:
         return self.read_range(0, self.num_sequences)
 
-    def block_ranges(self, block_tokens: int = CHUNK_TOKENS) -> list[tuple[int, int]]:
+    def block_ranges(self, block_tokens: int = BLOCK_TOKENS) -> list[tuple[int, int]]:
         """(first, stop) sequence ranges of about `block_tokens` tokens (at least one sequence each)."""
         ranges, start, n = [], 0, self.num_sequences
         while start < n:
@@ -147,7 +155,7 @@ class ZarrShard:
             start = stop
         return ranges
 
-    def iter_blocks(self, block_tokens: int = CHUNK_TOKENS * 4) -> Iterator[SeqBlock]:
+    def iter_blocks(self, block_tokens: int = BLOCK_TOKENS * 4) -> Iterator[SeqBlock]:
         for start, stop in self.block_ranges(block_tokens):
             yield self.read_range(start, stop)
 

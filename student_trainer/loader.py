@@ -337,12 +337,24 @@ def _take_slot_locked(n: int) -> _Slot:
         else:
             if len(_SLOTS) >= _MAX_SLOTS:
                 os.close(_SLOTS.pop(0).fd)
-            fd = os.memfd_create("kdcache-window", os.MFD_CLOEXEC)
+            fd = _shared_fd()
             os.ftruncate(fd, _HEADER + capacity)
             slot = _Slot(fd, mmap.mmap(fd, _HEADER + capacity), capacity)
             _SLOTS.append(slot)
     slot.mapping[0] = 1
     return slot
+
+
+def _shared_fd() -> int:
+    """A descriptor of shared memory that can be handed to another process: a memfd where the OS has them
+    (Linux), else an unlinked temporary file (macOS)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("kdcache-window", os.MFD_CLOEXEC)
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="kdcache-window-")
+    os.unlink(path)
+    return fd
 
 
 def _lend(slot: _Slot, n: int) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_every_stored_field_equals_a_direct_torch_computation(tiny_teacher, smal
 
 
 def test_a_samples_only_build_stores_the_same_draws_as_a_top_k_build_and_no_top_k(tiny_teacher, small_corpus, tmp_path):
-    both = run_build(settings(tiny_teacher, small_corpus, tmp_path / "k8", sample_draws=16))
+    run_build(settings(tiny_teacher, small_corpus, tmp_path / "k8", sample_draws=16))
     alone = run_build(settings(tiny_teacher, small_corpus, tmp_path / "k0", top_k=0, sample_draws=16))
     assert alone.top_k == 0 and "topk_ids" not in alone.fields and "topk_logprobs" not in alone.fields
     assert verify_cache(str(tmp_path / "k0")) == []

@@ -65,3 +65,18 @@ def test_a_damaged_shard_index_is_refused_with_the_array_named(written):
     data_file.write_bytes(bytes(raw))
     with pytest.raises(CacheError, match="array 'topk_ids' is unreadable.*checksum"):
         open_shard(path, fields, block).read_all()
+
+
+def test_read_blocks_do_not_depend_on_the_inner_chunks_a_shard_was_written_with(tmp_path, monkeypatch):
+    # The loader's epoch order is built from block_ranges: caches written with other chunk sizes (older
+    # writers used 16384-row chunks) must give the same blocks.
+    fields = rich_fields(8)
+    block = SeqBlock.from_sequences(make_sequences([5, 9, 1, 13, 4, 8, 11, 3], fields, VOCAB), fields)
+    ranges = []
+    for rows in (3, 16384):
+        monkeypatch.setattr(shard_zarr, "CHUNK_TOKENS", rows)
+        shard_zarr.write(tmp_path / f"c{rows}.zarr", block, fields)
+        shard = open_shard(tmp_path / f"c{rows}.zarr", fields, block)
+        ranges.append(shard.block_ranges(20))
+        assert zarr.open_array(zarr.storage.LocalStore(str(tmp_path / f"c{rows}.zarr")), path="input_ids").chunks == (min(rows, 54),)
+    assert ranges[0] == ranges[1] and len(ranges[0]) > 2

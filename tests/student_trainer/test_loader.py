@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 from collections import Counter
 
 import numpy as np
@@ -262,6 +263,14 @@ def empty_pool(monkeypatch):
     from student_trainer import loader
 
     monkeypatch.setattr(loader, "_SLOTS", [])
+
+
+def test_without_memfd_a_window_buffer_lives_in_an_unlinked_temporary_file(empty_pool, monkeypatch):
+    monkeypatch.delattr(os, "memfd_create")  # as on macOS
+    fields = make_fields(K, "F32")
+    packed = PackedBatches(window(1), [], 0, fields)
+    assert os.fstat(packed._slot.fd).st_nlink == 0  # a file nobody can open by name, gone once closed
+    assert all(same_batch(packed[i], b) for i, b in enumerate(expected(window(1))))
 
 
 def test_a_window_buffer_is_reused_only_once_no_tensor_or_storage_of_its_batches_is_left(empty_pool):
