@@ -341,7 +341,7 @@ def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
               "padded slots: 42.6) |\n\n"
               "The figure depends on the text: this 3269-token slice draws 14.4 distinct ids per position, the "
               "12117 tokens above 13.3. Zarr keeps fixed padded slots (a flat sample axis would need a second "
-              "offsets array per shard), so it stays about 3 B/token above Parquet for RS-KD caches.\n")
+              "offsets array per shard), so it stays 3-5 B/token above Parquet for RS-KD caches; its inner chunks of at most 256 KiB (shard_zarr.py: smaller chunks decode faster, benchmarks/loader.py) cost it 37.6 -> 39.2 B/token on the 12117 tokens, against 16384-row chunks.\n")
     update_results("Storage size and fidelity", out.getvalue())
 
 
