@@ -20,8 +20,9 @@ from formats.schema import FORMAT_NAME, FORMAT_VERSION, ZSTD_LEVELS, FieldSpec, 
 # is built from these blocks, so BLOCK_TOKENS must not change. A block starts and ends inside inner chunks, and
 # a chunk is decompressed whole: inner chunks much smaller than a block keep that overshoot small. Chunks as
 # long as a block made every block decompress ~2.1x the rows it returns (benchmarks/loader.py, plain Zarr);
-# at 256 KiB / 4096 rows the overshoot is under 1.25x and the cache is no bigger (k=64 cache: 356.7 -> 353.1
-# B/token). Older caches keep the chunks they were written with.
+# at 256 KiB / 4096 rows the overshoot is under 1.25x. Size: a real top-64 cache 356.7 -> 353.1 B/token, an
+# RS-KD one 37.6 -> 39.2 (its zstd-9 sample arrays gain from longer chunks; benchmarks/storage.py). Older
+# caches keep the chunks they were written with.
 BLOCK_TOKENS = 16384
 CHUNK_TOKENS = 4096
 CHUNK_BYTES = 256 << 10
