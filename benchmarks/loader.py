@@ -516,11 +516,12 @@ caches, one window at a time):
    chunk is decompressed whole: with chunks as long as a block (16384 rows, the old writer) the plain Zarr
    blocks decompressed 2.1 chunks per chunk of rows they returned (decode 0.90 s/Mtok in the run before this
    change, same script). The Zarr writer now writes inner chunks of at most 4096 rows / 256 KiB, so a block
-   overshoots by less than a quarter. Plain Zarr decode with the new chunks: 0.59 s/Mtok in a run with
-   `--no-results` just before the one above (ceiling 2.0M tok/s), 0.88 in the run above (ceiling 1.7M: the
-   shared machine was slower); ratio_to_ceiling 0.70 and 0.76. Cache size is unchanged (a real top-64 cache:
-   356.7 -> 353.1 B/token). The read blocks, and so the epoch order, are cut as before; caches written before
-   keep their chunks.
+   overshoots by less than a quarter. A/B on the plain cache written both ways (the same synthetic
+   sequences; `ZarrShard.read_range` over its `block_ranges()` in one process, 5 interleaved rounds, median):
+   decode 0.96 -> 0.62 s/Mtok. The breakdown column above moved less (0.88; 0.59 in a `--no-results` run just
+   before): the shared machine's speed changed between runs (plain Zarr ceiling 2.0M vs 1.7M tok/s). Size: a
+   real top-64 cache 356.7 -> 353.1 B/token, an RS-KD cache 37.6 -> 39.2 (Storage section). The read blocks,
+   and so the epoch order, are cut as before; caches written before keep their chunks.
 
 Where the time goes now: decode (zstd and the direct page / shard-index readers) is 60-80% of a worker's
 time; collation fell from about as much as decoding to 0.1-0.5 s/Mtok (the full caches' batches are 5 KB per
