@@ -18,6 +18,7 @@ from formats.schema import (
     READABLE_MAJOR,
     FieldSpec,
     check_field_table,
+    top_k_of,
 )
 
 MANIFEST_NAME = "manifest.json"
@@ -78,7 +79,7 @@ class Manifest:
 
     @property
     def top_k(self) -> int:
-        return self.fields["topk_ids"].shape[0] if "topk_ids" in self.fields else 0
+        return top_k_of(self.fields)
 
     @property
     def sample_draws(self) -> int:
@@ -226,7 +227,7 @@ def manifest_from_json(obj: object, where: str = MANIFEST_NAME) -> Manifest:
     check_field_table(fields)
     _int(obj["tokenizer"], "vocab_size", f"{where} tokenizer", 1, MAX_VOCAB)
     _int(obj["build"], "top_k", f"{where} build", 0)
-    if obj["build"]["top_k"] != (fields["topk_ids"].shape[0] if "topk_ids" in fields else 0):
+    if obj["build"]["top_k"] != top_k_of(fields):
         raise CacheError(f"{where}: build.top_k disagrees with the shape of topk_ids")
     if "sample_ids" in fields:
         draws = _int(obj["build"], "sample_draws", f"{where} build", 1, 2**16 - 1)

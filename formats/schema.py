@@ -31,10 +31,15 @@ LOGPROB_DTYPES = ("F32", "F16", "BF16")
 HIDDEN_DTYPES = ("F16", "BF16")
 COUNT_DTYPES = ("U8", "U16")
 
-# zstd level the writers use per field (3 when not named). RS-KD samples are most of an RS-KD cache's bytes and
-# are compressed once, in the builder's background writer thread: level 9 saves ~7% of them for about half the
-# speed of level 3 (benchmarks/storage.py). Readers need no setting.
-ZSTD_LEVELS = {"sample_ids": 9, "sample_counts": 9}
+# zstd level the writers use per field. RS-KD samples are most of an RS-KD cache's bytes and are compressed
+# once, in the builder's background writer thread: level 9 saves ~7% of them for about half the speed of
+# level 3 (benchmarks/storage.py). Readers need no setting.
+_ZSTD_LEVELS = {"sample_ids": 9, "sample_counts": 9}
+
+
+def zstd_level(name: str) -> int:
+    """The zstd level both backends' writers use for field `name`."""
+    return _ZSTD_LEVELS.get(name, 3)
 
 # Limits checked before any allocation (SPEC.md, "Limits a reader enforces").
 MAX_SHARD_TOKENS = 2**31
@@ -125,6 +130,11 @@ TOPK_FIELDS = ("topk_ids", "topk_logprobs")  # required unless the cache is samp
 OPTIONAL_FIELDS = ("loss_mask", "position_ids", "byte_offsets", "sample_ids", "sample_counts")
 
 
+def top_k_of(fields: dict[str, FieldSpec]) -> int:
+    """The k of a field table; 0 for a samples-only cache, which has no top-k fields."""
+    return fields["topk_ids"].shape[0] if "topk_ids" in fields else 0
+
+
 def check_field_table(fields: dict[str, FieldSpec]) -> None:
     """Refuse a field table this version does not define (SPEC.md, Fields)."""
     expected = make_fields(1)
@@ -135,15 +145,16 @@ def check_field_table(fields: dict[str, FieldSpec]) -> None:
     for name in REQUIRED_FIELDS:
         if fields[name] != expected[name]:
             raise CacheError(f"manifest field {name!r}: {fields[name].to_json()} does not match the spec")
-    for name in () if samples_only else TOPK_FIELDS:
-        got = fields[name]
-        ok = got.per == "token" and len(got.shape) == 1
-        if not (ok and (got.dtype == "I32" if name == "topk_ids" else got.dtype in LOGPROB_DTYPES)):
-            raise CacheError(f"manifest field {name!r}: {got.to_json()} does not match the spec")
-    if not samples_only and fields["topk_ids"].shape != fields["topk_logprobs"].shape:
-        raise CacheError("manifest fields: topk_ids and topk_logprobs have different k")
-    if not samples_only and fields["topk_ids"].shape[0] > MAX_K:
-        raise CacheError(f"manifest field 'topk_ids': k = {fields['topk_ids'].shape[0]} is above the limit {MAX_K}")
+    if not samples_only:
+        for name in TOPK_FIELDS:
+            got = fields[name]
+            ok = got.per == "token" and len(got.shape) == 1
+            if not (ok and (got.dtype == "I32" if name == "topk_ids" else got.dtype in LOGPROB_DTYPES)):
+                raise CacheError(f"manifest field {name!r}: {got.to_json()} does not match the spec")
+        if fields["topk_ids"].shape != fields["topk_logprobs"].shape:
+            raise CacheError("manifest fields: topk_ids and topk_logprobs have different k")
+        if fields["topk_ids"].shape[0] > MAX_K:
+            raise CacheError(f"manifest field 'topk_ids': k = {fields['topk_ids'].shape[0]} is above the limit {MAX_K}")
     if ("sample_ids" in fields) != ("sample_counts" in fields):
         raise CacheError("manifest fields: sample_ids and sample_counts come together")
     if "sample_ids" in fields:

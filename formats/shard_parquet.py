@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from formats.errors import CacheError
-from formats.schema import FORMAT_NAME, FORMAT_VERSION, ZSTD_LEVELS, FieldSpec, SeqBlock
+from formats.schema import FORMAT_NAME, FORMAT_VERSION, FieldSpec, SeqBlock, zstd_level
 
 ROW_GROUP_TOKENS = 16384
 
@@ -47,7 +47,8 @@ def arrow_schema(fields: dict[str, FieldSpec]) -> pa.Schema:
     return pa.schema([pa.field(n, arrow_type(s, n), nullable=False) for n, s in fields.items()], metadata=meta)
 
 
-def _column(block: SeqBlock, name: str, spec: FieldSpec) -> pa.Array:
+def _column(block: SeqBlock, name: str, spec: FieldSpec, drawn: np.ndarray | None) -> pa.Array:
+    """One field of `block` as its Arrow column; `drawn`: the block's `_drawn_slots` (RS-KD caches)."""
     if spec.per == "sequence":
         arr = block.sequence[name]
         values = pa.array(arr.reshape(-1), type=_ARROW[spec.dtype])
@@ -55,7 +56,6 @@ def _column(block: SeqBlock, name: str, spec: FieldSpec) -> pa.Array:
     arr = block.token[name]
     offsets = pa.array((block.offsets - block.offsets[0]).astype(np.int32))
     if name in RAGGED:
-        drawn = _drawn_slots(block)
         inner = np.zeros(len(arr) + 1, dtype=np.int32)
         np.cumsum(drawn.sum(axis=1), out=inner[1:])
         per_token = pa.ListArray.from_arrays(pa.array(inner), pa.array(arr[drawn], type=_ARROW[spec.dtype]))
@@ -99,7 +99,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
     leaf = leaf_paths(fields)
     codec: dict = {"compression": "none"}
     if compression == "zstd":
-        codec = {"compression": "zstd", "compression_level": {leaf[n]: ZSTD_LEVELS.get(n, 3) for n in fields}}
+        codec = {"compression": "zstd", "compression_level": {leaf[n]: zstd_level(n) for n in fields}}
     # Byte-stream split puts the three zero bytes of each INT32-stored count in streams of their own, which zstd
     # then all but drops (benchmarks/storage.py: 6.9 -> 4.4 B/token for 50 U8 count slots).
     encoding = {leaf[n]: "BYTE_STREAM_SPLIT" for n in fields if n == "sample_counts"}
@@ -107,7 +107,8 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
                           **codec) as writer:
         for start, stop in _row_groups(block.offsets):
             part = block.slice(start, stop)
-            writer.write_table(pa.Table.from_arrays([_column(part, n, s) for n, s in fields.items()], schema=schema))
+            drawn = _drawn_slots(part) if "sample_ids" in fields else None
+            writer.write_table(pa.Table.from_arrays([_column(part, n, s, drawn) for n, s in fields.items()], schema=schema))
 
 
 def _row_groups(offsets: np.ndarray) -> Iterator[tuple[int, int]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import CacheError
-from formats.schema import FORMAT_NAME, FORMAT_VERSION, ZSTD_LEVELS, FieldSpec, SeqBlock
+from formats.schema import FORMAT_NAME, FORMAT_VERSION, FieldSpec, SeqBlock, zstd_level
 
 # Readers stream a shard in blocks of whole sequences, about BLOCK_TOKENS tokens each; the loader's epoch order
 # is built from these blocks, so BLOCK_TOKENS must not change. A block starts and ends inside inner chunks, and
@@ -77,7 +77,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
         # Chunk by bytes, not rows, so wide hidden rows do not make huge chunks.
         row_bytes = max(1, data[:1].nbytes)
         _create(target, leaf, data, max(1, min(CHUNK_TOKENS, CHUNK_BYTES // row_bytes)), attributes, compression,
-                ZSTD_LEVELS.get(name, 3))
+                zstd_level(name))
 
 
 class ZarrShard:

@@ -66,9 +66,9 @@ def evaluate(student_dir: str, cache_url: str, split: str = "heldout", batch_siz
                 sums["kl"] += float(kl) * n
                 t_ids = batch.topk_ids[mask]  # (n, k)
                 sums["top1"] += float((pred == t_ids[:, 0]).sum())
-            if m.top_k >= 5:
-                s5 = z.topk(5, -1).indices
-                sums["top5"] += float((s5[:, :, None] == t_ids[:, None, :5]).any(-1).sum()) / 5
+                if m.top_k >= 5:
+                    s5 = z.topk(5, -1).indices
+                    sums["top5"] += float((s5[:, :, None] == t_ids[:, None, :5]).any(-1).sum()) / 5
             conf = logp.max(-1).values.exp().double().cpu()
             correct = (pred == labels).double().cpu()
             bins = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)

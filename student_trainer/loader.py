@@ -35,7 +35,7 @@ from torchdata.nodes import BaseNode  # light once torch is loaded (~25 ms)
 
 from formats.errors import KdError
 from formats.reader import Cache, open_cache
-from formats.schema import FieldSpec, SeqBlock
+from formats.schema import FieldSpec, SeqBlock, top_k_of
 
 IGNORE = -100
 
@@ -402,7 +402,7 @@ def _filler_batch(fields: dict[str, FieldSpec], hidden_layers: list[int]) -> Bat
     """One row, one padding token, nothing to learn: keeps a rank with no data in DDP's lock-step. It has
     the cache's k, sample slots and hidden layers, so every loss path (RS-KD, hidden alignment) runs on it."""
     z = torch.zeros(1, 1, dtype=torch.int64)
-    k = fields["topk_ids"].shape[0] if "topk_ids" in fields else 0
+    k = top_k_of(fields)
     s_n = fields["sample_ids"].shape[0] if "sample_ids" in fields else 0
     return Batch(input_ids=z, position_ids=z.clone(), labels=torch.full((1, 1), IGNORE), kd_mask=torch.zeros(1, 1, dtype=torch.bool),
                  topk_ids=torch.zeros(1, 1, k, dtype=torch.int64), topk_logprobs=torch.zeros(1, 1, k),

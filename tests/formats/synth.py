@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from formats.manifest import Manifest
-from formats.schema import FieldSpec, from_float32, make_fields
+from formats.schema import FieldSpec, from_float32, make_fields, top_k_of
 from formats.writer import CacheWriter
 
 
 def random_sequence(rng: np.random.Generator, length: int, fields: dict[str, FieldSpec], vocab: int,
                     draws: int, doc_index: int) -> dict[str, np.ndarray]:
     """One sequence whose stored fields follow SPEC.md from a random full distribution per position."""
-    k = fields["topk_ids"].shape[0] if "topk_ids" in fields else 0  # 0: a samples-only cache
+    k = top_k_of(fields)  # 0: a samples-only cache
     logits = rng.normal(size=(length, vocab)).astype(np.float32) * 3
     logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
     order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
@@ -71,7 +71,7 @@ def make_manifest(backend: str, fields: dict[str, FieldSpec], vocab: int, draws:
         fields=fields,
         teacher={"name": "synthetic", "backend": "test", "dtype": "F32"},
         tokenizer={"fingerprint": "0" * 64, "vocab_size": vocab, "special_ids": {"bos": None, "eos": None, "pad": None}},
-        build={"top_k": fields["topk_ids"].shape[0] if "topk_ids" in fields else 0, "temperature": 1.0, "sample_draws": draws},
+        build={"top_k": top_k_of(fields), "temperature": 1.0, "sample_draws": draws},
         corpus={"fingerprint": "0" * 64, "sources": []},
         created_by="kdcache tests",
     )
