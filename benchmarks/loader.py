@@ -408,18 +408,18 @@ def _median_by(items: list[dict], key: str) -> dict:
     return sorted(items, key=lambda x: x[key])[(len(items) - 1) // 2]
 
 
-# The same script's figures before this round (commit c1beb48, the Loader section of RESULTS.md then: a fresh
-# shared-memory buffer per window, worker allocator as is, batches not touched by the consumer, one run),
-# measured on this machine on 2026-11-23 with `--tokens 200000 --workers 0 1 2`: kept to show what changed.
+# The script of commit c1beb48 (before this round: a fresh shared-memory buffer per window, worker allocator as
+# is, batches not touched by the consumer, 16384-row Zarr chunks, format 1.0 writer, one run), re-run on this
+# machine on 2026-11-23 with `--tokens 200000 --workers 0 1 2 --no-results`: kept to show what changed.
 BEFORE = {
-    "plain/parquet": {"ceiling": 1416124, "0w": 590144, "1w": 282967, "2w": 267418, "ratio": 0.20,
-                      "decode": 0.99, "collate": 1.21, "transfer": 0.56},
-    "plain/zarr": {"ceiling": 1573870, "0w": 542006, "1w": 207819, "2w": 399089, "ratio": 0.25,
-                   "decode": 0.92, "collate": 1.12, "transfer": 0.39},
-    "full/parquet": {"ceiling": 176510, "0w": 91185, "1w": 68430, "2w": 69398, "ratio": 0.39,
-                     "decode": 6.14, "collate": 5.22, "transfer": 1.63},
-    "full/zarr": {"ceiling": 339910, "0w": 111434, "1w": 85783, "2w": 99420, "ratio": 0.29,
-                  "decode": 3.78, "collate": 5.58, "transfer": 1.75},
+    "plain/parquet": {"ceiling": 1282675, "0w": 633788, "1w": 415345, "2w": 980548, "ratio": 0.76,
+                      "decode": 0.87, "collate": 0.97, "transfer": 0.36},
+    "plain/zarr": {"ceiling": 2350290, "0w": 689532, "1w": 351119, "2w": 546096, "ratio": 0.23,
+                   "decode": 0.91, "collate": 0.83, "transfer": 0.30},
+    "full/parquet": {"ceiling": 243248, "0w": 102899, "1w": 79282, "2w": 150487, "ratio": 0.62,
+                     "decode": 5.79, "collate": 4.31, "transfer": 1.28},
+    "full/zarr": {"ceiling": 492108, "0w": 174259, "1w": 127932, "2w": 242542, "ratio": 0.49,
+                  "decode": 2.68, "collate": 3.53, "transfer": 1.06},
 }
 
 
@@ -453,8 +453,9 @@ def write_results(args, rows: list[dict], demo: dict, figures: dict, torch_versi
     spread = max((hi - lo) / r["median"][w] for r in rows for w, (lo, hi) in r["spread"].items())
     out.write(f"\nNoise: the widest range of one loader figure over the rounds was {spread:.0%} of its median; "
               "\"rounds\" gives the ratio computed from each round's own ceiling and best worker figure.\n")
-    out.write("\nBefore and after this round (before: the figures this section held, commit c1beb48, one run, batches not "
-              "touched by the consumer; after: the medians above):\n\n"
+    out.write("\nBefore and after this round (before: the script and code of commit c1beb48, re-run on this machine the "
+              "same day, one run, batches not touched by the consumer and workers credited with windows read ahead, "
+              "so its worker figures are flattered; after: the medians above):\n\n"
               "| variant/backend | ceiling tok/s | " + " | ".join(f"loader {w}w tok/s" for w in ws) +
               " | best / ceiling | decode s/Mtok | collate s/Mtok | transfer s/Mtok |\n|---|---|" + "---|" * len(ws) + "---|---|---|---|\n")
     for r in rows:
@@ -517,19 +518,16 @@ caches, one window at a time):
    blocks decompressed 2.1 chunks per chunk of rows they returned (decode 0.90 s/Mtok in the run before this
    change, same script). The Zarr writer now writes inner chunks of at most 4096 rows / 256 KiB, so a block
    overshoots by less than a quarter. A/B on the plain cache written both ways (the same synthetic
-   sequences; `ZarrShard.read_range` over its `block_ranges()` in one process, 5 interleaved rounds, median):
-   decode 0.96 -> 0.62 s/Mtok. The breakdown column above moved less (0.88; 0.59 in a `--no-results` run just
-   before): the shared machine's speed changed between runs (plain Zarr ceiling 2.0M vs 1.7M tok/s). Size: a
-   real top-64 cache 356.7 -> 353.1 B/token, an RS-KD cache 37.6 -> 39.2 (Storage section). The read blocks,
-   and so the epoch order, are cut as before; caches written before keep their chunks.
+   sequences; `ZarrShard.read_range` over its `block_ranges()` in one process, 5 interleaved rounds, median;
+   a scratch script): decode 0.96 -> 0.62 s/Mtok. Size: a real top-64 cache 356.7 -> 353.1 B/token, an RS-KD
+   cache 37.6 -> 39.2 (Storage section). The read blocks, and so the epoch order, are cut as before; caches
+   written before keep their chunks.
 
 Where the time goes now: decode (zstd and the direct page / shard-index readers) is 60-80% of a worker's
 time; collation fell from about as much as decoding to 0.1-0.5 s/Mtok (the full caches' batches are 5 KB per
 token once widened to int64/float32); transfer (descriptor hand-off, mapping, touching) is 0.3-0.75 s/Mtok.
-The plain caches decode at ~0.6 s/Mtok against a ceiling of ~0.5-0.7 (one core that only decompresses); the
-loader on top pads, widens and hands over, and 2 workers share the 2 cores with the consumer. The ceilings themselves came out higher
-than in the "before" run (a quieter machine: plain Zarr 1.57M -> 2.41M tok/s), so the ratios are measured
-against a higher bar than before. The earlier round (one buffer per window instead of a tensor per field, direct Parquet page
+The plain caches decode at ~0.6-0.9 s/Mtok against a ceiling of ~0.5-0.8 (one core that only decompresses);
+the loader on top pads, widens and hands over, and 2 workers share the 2 cores with the consumer. The earlier round (one buffer per window instead of a tensor per field, direct Parquet page
 and Zarr shard-index readers, shard readers kept open) is in commits eab2248, 96a288b and c1beb48.
 """
 

@@ -333,7 +333,7 @@ def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
         out.write(" This teacher on code draws more distinct ids per position than the paper's ~12; less would take "
                   "fewer draws.")
     out.write("\n\nHow the RS-KD figure came down (same corpus; `python benchmarks/storage.py --tokens 3000`, 3269 tokens, "
-              "14.39 distinct ids per position, Parquet zstd file bytes per token):\n\n"
+              "14.39 distinct ids per position, Parquet zstd file bytes per token; each row run at the commit that made it, the 1.0 row at e83f201):\n\n"
               "| format / writer | RS-KD B/token |\n|---|---|\n"
               "| 1.0: top-1 + 50 padded slots, zstd 3 (the format required k >= 1) | 53.1 |\n"
               "| 1.1: samples only (k = 0), zstd 9 on the samples, counts BYTE_STREAM_SPLIT | 41.1 |\n"
