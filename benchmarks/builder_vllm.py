@@ -94,7 +94,8 @@ def main() -> int:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from cache_builder.build import BuildSettings, Job, resolve_teacher_path
+    from cache_builder.build import Job, resolve_teacher_path
+    from cache_builder.settings import BuildSettings
     from cache_builder.capture import CaptureSettings
     from cache_builder.teacher_vllm import (HookCapture, VllmOptions, engine_device, logprob_records, resolve_eager,
                                             start_engine, vllm_version)

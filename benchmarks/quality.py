@@ -104,14 +104,14 @@ class QualitySettings:
 
 def _kdcache(*args: str) -> None:
     print("$ kdcache " + " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "formats.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "kdcache.cli", *args], check=True)
 
 
 def build_caches(s: QualitySettings) -> dict[str, str]:
     """The built cache (top-64 + 50 draws) and the three derived from it; returns name -> path."""
     from formats.errors import CacheError
     from formats.reader import open_cache
-    from student_trainer.demo import stdlib_corpus
+    from kdcache.demo import stdlib_corpus
 
     out = Path(s.out)
     full = out / "cache"
@@ -152,7 +152,8 @@ def bytes_per_token(cache: str) -> float:
 
 
 def train_offline(s: QualitySettings, method: Method, cache: str, seed: int, out: Path) -> dict:
-    from student_trainer.train import TrainSettings, train
+    from student_trainer.train import train
+    from student_trainer.settings import TrainSettings
 
     ts = TrainSettings(cache=cache, out=str(out), student_layers=s.layers, init_from_teacher="cache", steps=s.steps,
                        batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, kd_kind=method.kd_kind,
@@ -170,7 +171,8 @@ def train_online(s: QualitySettings, cache: str, seed: int, out: Path) -> dict:
     from formats.reader import open_cache
     from student_trainer.loader import EpochReader, LoaderSettings
     from student_trainer.student import student_from_teacher
-    from student_trainer.train import TrainSettings, _lr_factor
+    from student_trainer.train import _lr_factor
+    from student_trainer.settings import TrainSettings
 
     m = open_cache(cache).manifest
     ts = TrainSettings(cache=cache, out=str(out), student_layers=s.layers, init_from_teacher=m.teacher["path"],

@@ -2,7 +2,7 @@
 
     python benchmarks/storage.py [--tokens 12000] [--heldout-fraction 0.3]
 
-Data: the demo corpus (`student_trainer.demo.stdlib_corpus`: Python standard-library modules as text),
+Data: the demo corpus (`kdcache.demo.stdlib_corpus`: Python standard-library modules as text),
 tokenized by the builder's `tokenize_corpus` (sequences of up to 512 tokens, documents split into train and
 held-out by the builder's hash), run once through the demo teacher SmolLM2-135M-Instruct (transformers,
 float32, this CPU). From the same logits, every mode's records are made by the builder's own
@@ -180,7 +180,7 @@ def main() -> None:
     from formats import shard_parquet, shard_zarr
     from formats.schema import SeqBlock, make_fields
     from formats.tokenizer import tokenizer_info
-    from student_trainer.demo import stdlib_corpus
+    from kdcache.demo import stdlib_corpus
     from student_trainer.student import student_from_teacher
 
     t_start = time.perf_counter()

@@ -52,10 +52,10 @@ RSKD_GOAL = 1.10
 
 
 def build_cache(out: Path, tokens: int, seq_len: int) -> None:
-    from student_trainer.demo import stdlib_corpus
+    from kdcache.demo import stdlib_corpus
 
     corpus = stdlib_corpus(out.parent / "corpus", tokens * 4, (1_000, 20_000))  # ~4 characters per token
-    subprocess.run([sys.executable, "-m", "formats.cli", "build", "--teacher", "default", "--corpus", str(corpus),
+    subprocess.run([sys.executable, "-m", "kdcache.cli", "build", "--teacher", "default", "--corpus", str(corpus),
                     "--out", str(out), "--top-k", "64", "--sample-draws", "50", "--seq-len", str(seq_len),
                     "--max-batch-tokens", "2048", "--no-progress"], check=True)
 

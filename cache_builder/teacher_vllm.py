@@ -67,55 +67,10 @@ import numpy as np
 
 from cache_builder.capture import CaptureSettings, to_numpy
 from cache_builder.errors import BuildError
+from cache_builder.settings import VllmOptions
 from cache_builder.vllm_worker import TAG, unpack
 
 EXTENSION = "cache_builder.vllm_worker.CaptureExtension"
-
-
-@dataclass(frozen=True)
-class VllmOptions:
-    """`BuildSettings.vllm`: engine options, named like vLLM's `LLM(...)` arguments (None = vLLM's default)."""
-
-    capture: str = "hooks"  # hooks: records made inside the engine | logprobs: prompt_logprobs fallback
-    tensor_parallel_size: int = 1  # GPUs per model replica (splits every layer)
-    pipeline_parallel_size: int = 1  # pipeline stages (splits the layer stack; multi-node)
-    distributed_executor_backend: str | None = None  # mp | ray
-    gpu_memory_utilization: float | None = None  # fraction of each GPU vLLM may use (weights + KV cache)
-    max_model_len: int | None = None  # engine context length; default and minimum: --seq-len + 1 (+ 1 more for logprobs)
-    max_num_batched_tokens: int | None = None  # tokens per engine step (longer prompts are chunked)
-    max_num_seqs: int | None = None  # requests per engine step
-    quantization: str | None = None  # e.g. fp8, awq, gptq (changes the numerics: recorded in the manifest)
-    kv_cache_dtype: str = "auto"  # auto | fp8 | ... (changes the numerics: recorded in the manifest)
-    enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU; intermediate hidden layers force eager
-    kv_cache_gib: float | None = None  # CPU only: KV cache size in GiB
-
-    @classmethod
-    def from_settings(cls, settings) -> "VllmOptions":
-        raw = dict(settings.vllm or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise BuildError(f"vllm options: unknown {', '.join(unknown)} (known: {', '.join(fields)})")
-        types = {"capture": str, "tensor_parallel_size": int, "pipeline_parallel_size": int,
-                 "distributed_executor_backend": str, "gpu_memory_utilization": float, "max_model_len": int,
-                 "max_num_batched_tokens": int, "max_num_seqs": int, "quantization": str, "kv_cache_dtype": str,
-                 "enforce_eager": bool, "kv_cache_gib": float}
-        for key, value in raw.items():
-            want = types[key]
-            ok = value is None or (isinstance(value, want) and not (want is int and isinstance(value, bool)))
-            ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))
-            if not ok:
-                raise BuildError(f"vllm option {key}: expected {want.__name__}, got {value!r}")
-        opts = cls(**{k: v for k, v in raw.items() if v is not None})
-        if opts.capture not in ("hooks", "logprobs"):
-            raise BuildError(f"--vllm-capture must be hooks or logprobs, got {opts.capture!r}")
-        for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "max_num_batched_tokens",
-                    "max_num_seqs", "kv_cache_gib"):
-            if getattr(opts, key) is not None and getattr(opts, key) <= 0:
-                raise BuildError(f"--vllm-{key.replace('_', '-')} must be positive, got {getattr(opts, key)}")
-        if opts.gpu_memory_utilization is not None and not 0 < opts.gpu_memory_utilization <= 1:
-            raise BuildError(f"--vllm-gpu-memory-utilization must be in (0, 1], got {opts.gpu_memory_utilization}")
-        return opts
 
 
 def vllm_version() -> str:
@@ -159,7 +114,7 @@ def describe_teacher(path: str, name: str, settings) -> dict:
 
     from cache_builder import teacher_hf
 
-    opts = VllmOptions.from_settings(settings)
+    opts = VllmOptions.from_dict(settings.vllm)
     _check_capture(settings, opts)
     device = engine_device(settings)
     info = teacher_hf.describe_teacher(path, name, dataclasses.replace(settings, device=device))
@@ -243,7 +198,7 @@ def load_runner(path: str, name: str, settings):
     """Start the engine once; return the builder's function from a batch of rows to their records."""
     from cache_builder.teacher_hf import normalize_layers
 
-    opts = VllmOptions.from_settings(settings)
+    opts = VllmOptions.from_dict(settings.vllm)
     _check_capture(settings, opts)
     device = engine_device(settings)
     if opts.capture == "logprobs":

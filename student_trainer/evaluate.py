@@ -29,7 +29,8 @@ def evaluate(student_dir: str, cache_url: str, split: str = "heldout", batch_siz
     from student_trainer.loader import EpochReader, LoaderSettings
     from student_trainer.losses import KDConfig, kd_loss
     from student_trainer.student import load_student
-    from student_trainer.train import TrainError, check_output_rows, open_checked_cache
+    from student_trainer.train import check_output_rows, open_checked_cache
+    from student_trainer.errors import TrainError
 
     if batch_size <= 0:
         raise TrainError(f"--batch-size must be positive, got {batch_size}")

@@ -105,7 +105,8 @@ def prepare(root: Path) -> dict[str, str]:
     sys.path.insert(0, str(Path(__file__).parent / "cache_builder"))  # tiny_teacher.py lives with the builder tests
     from tiny_teacher import TOKENIZER_FILES, make_tiny_teacher
 
-    from cache_builder.build import BuildSettings, run_build
+    from cache_builder.build import run_build
+    from cache_builder.settings import BuildSettings
     from cache_builder.default_teacher import default_teacher_dir
 
     tokenizer_dir = default_teacher_dir()
@@ -168,13 +169,13 @@ class Outcome:
 
 
 # One process imports kdcache's heavy modules once, then forks a child per case: each case still runs
-# `formats.cli.main` in a process of its own, with its stdout and stderr captured at the file descriptors (so
+# `kdcache.cli.main` in a process of its own, with its stdout and stderr captured at the file descriptors (so
 # whatever a library prints is seen), but pays ~4 s of imports once instead of twenty times.
 DRIVER = """
 import json, os, sys, traceback
 import torch, transformers  # noqa: F401  (imported once, shared by every forked case)
 import cache_builder.build, student_trainer.evaluate, student_trainer.train  # noqa: F401
-from formats.cli import main
+from kdcache.cli import main
 
 for job in json.loads(sys.stdin.read()):
     pid = os.fork()

@@ -95,14 +95,17 @@ def test_every_from_pretrained_passes_trust_remote_code_and_never_a_literal_true
 
 
 def test_trust_remote_code_is_off_unless_asked_for():
-    from cache_builder.build import BuildSettings
-    from formats.cli import build_parser
+    from cache_builder.settings import BuildSettings
+    from formats.settings import given
+    from kdcache.cli import build_parser
+
+    def settings(*extra: str) -> BuildSettings:
+        args = build_parser().parse_args(["build", "--teacher", "t", "--corpus", "c", "--out", "o", *extra])
+        return BuildSettings(**given(args, BuildSettings))
 
     assert BuildSettings(teacher="t", corpus=["c"], out="o").trust_remote_code is False
-    args = build_parser().parse_args(["build", "--teacher", "t", "--corpus", "c", "--out", "o"])
-    assert args.trust_remote_code is False
-    asked = build_parser().parse_args(["build", "--teacher", "t", "--corpus", "c", "--out", "o", "--trust-remote-code"])
-    assert asked.trust_remote_code is True
+    assert settings().trust_remote_code is False
+    assert settings("--trust-remote-code").trust_remote_code is True
     train = build_parser().parse_args(["train", "--cache", "c", "--out", "o"])
     assert not any("remote" in k for k in vars(train)), "train has no way to run a student's code"
 
@@ -138,7 +141,8 @@ def test_a_student_folder_shipping_code_is_refused_without_running_it(folder_wit
 
 
 def test_a_teacher_folder_shipping_code_is_refused_by_the_builder_without_running_it(folder_with_code, tmp_path):
-    from cache_builder.build import BuildSettings, run_build
+    from cache_builder.build import run_build
+    from cache_builder.settings import BuildSettings
     from cache_builder.errors import BuildError
 
     corpus = tmp_path / "doc.txt"

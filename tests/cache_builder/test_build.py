@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache_builder.build import BuildSettings, run_build
+from cache_builder.build import run_build
+from cache_builder.settings import BuildSettings
 from cache_builder.capture import draw_samples
 from cache_builder.errors import BuildError
 from formats.errors import CacheError, KdError
@@ -210,7 +211,7 @@ def test_bad_build_settings_give_one_clear_error(tiny_teacher, small_corpus, tmp
 
 
 def test_cli_reports_bad_input_on_one_line_with_exit_status_2(tiny_teacher, small_corpus, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "formats.cli", "build", "--teacher", str(tiny_teacher), "--corpus",
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "build", "--teacher", str(tiny_teacher), "--corpus",
                            str(small_corpus), "--out", str(tmp_path / "c"), "--top-k", "1000000", "--no-progress"],
                           capture_output=True, text=True)
     assert proc.returncode == 2

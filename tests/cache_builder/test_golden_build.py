@@ -99,7 +99,7 @@ def tiny_teacher(tmp_path_factory, teacher_dir) -> Path:
 
 
 def test_a_fixed_build_gives_the_cache_it_gave_before_the_restructuring(tiny_teacher, tmp_path):
-    from formats.cli import main  # TEMP until kdcache/ exists
+    from kdcache.cli import main  # TEMP until kdcache/ exists
 
     golden = dict(np.load(GOLDEN))
     caches = build_all(main, tiny_teacher, tmp_path)
@@ -139,9 +139,9 @@ if __name__ == "__main__":  # re-record the golden data (an intended change of t
     from cache_builder.default_teacher import default_teacher_dir
 
     try:
-        from formats.cli import main  # TEMP until kdcache/ exists
+        from kdcache.cli import main  # TEMP until kdcache/ exists
     except ImportError:  # before the front door moved out of formats
-        from formats.cli import main
+        from kdcache.cli import main
     with tempfile.TemporaryDirectory() as tmp:
         teacher = make_tiny_teacher(Path(tmp) / "teacher", default_teacher_dir())
         snap = snapshot(build_all(main, teacher, Path(tmp)))

@@ -40,7 +40,7 @@ def teacher(tmp_path_factory, teacher_dir) -> Path:
 
 
 def build_cmd(teacher: Path, corpus: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "formats.cli", "build", "--teacher", str(teacher), "--corpus", str(corpus),
+    return [sys.executable, "-m", "kdcache.cli", "build", "--teacher", str(teacher), "--corpus", str(corpus),
             "--out", str(out), *BUILD_ARGS]
 
 

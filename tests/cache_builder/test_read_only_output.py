@@ -61,7 +61,7 @@ def test_a_build_on_output_turned_read_only_fails_clearly_and_the_next_run_resum
         (corpus / f"{name}.txt").write_text((STDLIB / name).read_text(encoding="utf-8")[:2600], encoding="utf-8")
 
     def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "formats.cli", "build", "--teacher", str(teacher), "--corpus", str(corpus),
+        return [sys.executable, "-m", "kdcache.cli", "build", "--teacher", str(teacher), "--corpus", str(corpus),
                 "--out", str(out), *BUILD_ARGS]
 
     subprocess.run(cmd(tmp_path / "whole"), check=True, capture_output=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_builder.build import BuildSettings, Job, run_build
+from cache_builder.build import Job, run_build
 from cache_builder.capture import CaptureSettings
 from cache_builder.errors import BuildError
+from cache_builder.settings import BuildSettings, VllmOptions
 from tiny_teacher import make_tiny_teacher
 
 K = 20
@@ -36,10 +37,10 @@ def vllm_settings(teacher: Path, **kw) -> BuildSettings:
 def smol_engine(teacher_dir):
     """One eager vLLM engine on SmolLM2 for the session, with max_logprobs=K for the fallback route."""
     pytest.importorskip("vllm")
-    from cache_builder.teacher_vllm import VllmOptions, shutdown_engine, start_engine
+    from cache_builder.teacher_vllm import shutdown_engine, start_engine
 
     s = vllm_settings(teacher_dir)
-    llm = start_engine(str(teacher_dir), s, VllmOptions.from_settings(s), eager=True, max_logprobs=K)
+    llm = start_engine(str(teacher_dir), s, VllmOptions.from_dict(s.vllm), eager=True, max_logprobs=K)
     yield llm
     shutdown_engine(llm)
 
@@ -219,16 +220,14 @@ def test_hidden_layers_outside_the_model_are_refused_naming_the_hf_backend():
         check_hidden_layers([31], 30)
 
 
-def test_unknown_or_mistyped_engine_options_are_refused(teacher_dir):
-    from cache_builder.teacher_vllm import VllmOptions
-
-    with pytest.raises(BuildError, match="unknown tensor_parallel"):
-        VllmOptions.from_settings(vllm_settings(teacher_dir, vllm={"tensor_parallel": 2}))
-    with pytest.raises(BuildError, match="max_num_seqs: expected int"):
-        VllmOptions.from_settings(vllm_settings(teacher_dir, vllm={"max_num_seqs": "8"}))
+def test_unknown_or_mistyped_engine_options_are_refused():
+    with pytest.raises(BuildError, match="unknown key 'tensor_parallel'"):
+        VllmOptions.from_dict({"tensor_parallel": 2})
+    with pytest.raises(BuildError, match="max_num_seqs must be an integer or null, got '8'"):
+        VllmOptions.from_dict({"max_num_seqs": "8"})
     with pytest.raises(BuildError, match="--vllm-capture"):
-        VllmOptions.from_settings(vllm_settings(teacher_dir, vllm={"capture": "pooling"}))
-    opts = VllmOptions.from_settings(vllm_settings(teacher_dir, vllm={"gpu_memory_utilization": 1}))
+        VllmOptions.from_dict({"capture": "pooling"})
+    opts = VllmOptions.from_dict({"gpu_memory_utilization": 1})
     assert opts.gpu_memory_utilization == 1
 
 
@@ -242,31 +241,32 @@ def test_the_manifest_records_the_engine_options_that_change_numerics(teacher_di
 
 
 def test_engine_arguments_follow_the_build_settings(teacher_dir):
-    from cache_builder.teacher_vllm import VllmOptions, engine_args
+    from cache_builder.teacher_vllm import engine_args
 
     s = vllm_settings(teacher_dir, seq_len=300, seed=7, vllm={"tensor_parallel_size": 2, "max_num_seqs": 8,
                                                               "kv_cache_gib": 1.5})
-    kw = engine_args(str(teacher_dir), s, VllmOptions.from_settings(s), eager=False)
+    kw = engine_args(str(teacher_dir), s, VllmOptions.from_dict(s.vllm), eager=False)
     assert kw["enable_prefix_caching"] is False  # a cached prefix would not be recomputed: missing positions
     assert (kw["tensor_parallel_size"], kw["max_num_seqs"], kw["seed"], kw["max_model_len"]) == (2, 8, 7, 301)
     assert kw["kv_cache_memory_bytes"] == int(1.5 * (1 << 30)) and kw["dtype"] == "float32"
     assert kw["worker_extension_cls"] == "cache_builder.vllm_worker.CaptureExtension"
     with pytest.raises(BuildError, match="--vllm-max-model-len of at least 301"):
         s = vllm_settings(teacher_dir, seq_len=300, vllm={"max_model_len": 300})
-        engine_args(str(teacher_dir), s, VllmOptions.from_settings(s), eager=False)
+        engine_args(str(teacher_dir), s, VllmOptions.from_dict(s.vllm), eager=False)
 
 
 def test_vllm_flags_with_the_hf_backend_are_refused():
-    import argparse
+    from formats.settings import given
+    from kdcache.cli import build_parser
 
-    from cache_builder.cli import _vllm_options, add_commands
-
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
+    parser = build_parser()
     base = ["build", "--teacher", "t", "--corpus", "c", "--out", "o"]
     args = parser.parse_args(base + ["--backend", "vllm", "--vllm-tensor-parallel-size", "4", "--no-vllm-enforce-eager",
                                      "--vllm-capture", "logprobs"])
-    assert _vllm_options(args) == {"tensor_parallel_size": 4, "capture": "logprobs", "enforce_eager": False}
-    assert _vllm_options(parser.parse_args(base)) == {}
+    assert given(args, VllmOptions, prefix="vllm") == {"tensor_parallel_size": 4, "capture": "logprobs",
+                                                        "enforce_eager": False}
+    assert given(parser.parse_args(base), VllmOptions, prefix="vllm") == {}
+    args = parser.parse_args(base + ["--vllm-max-num-seqs", "4"])
+    s = BuildSettings(**given(args, BuildSettings), vllm=given(args, VllmOptions, prefix="vllm"))
     with pytest.raises(BuildError, match="--vllm-max-num-seqs needs --backend vllm"):
-        _vllm_options(parser.parse_args(base + ["--vllm-max-num-seqs", "4"]))
+        s.validate()

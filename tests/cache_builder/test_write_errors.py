@@ -44,7 +44,7 @@ def test_a_build_stopped_by_a_full_disk_publishes_no_partial_shard_and_the_next_
     args = ["--teacher", str(teacher), "--corpus", str(corpus), "--top-k", "4", "--seq-len", "64",
             "--shard-tokens", "64", "--max-batch-tokens", "128", "--no-progress"]
     out = tmp_path / "full"
-    cmd = [sys.executable, "-m", "formats.cli", "build", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "kdcache.cli", "build", *args, "--out", str(out)]
     failed = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit_file_size)
     assert failed.returncode == 2, failed.stderr[-2000:]
     last = failed.stderr.strip().splitlines()[-1]

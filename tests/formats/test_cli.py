@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from formats.cli import main
+from kdcache.cli import main
 from formats.verify import verify_cache
 
 

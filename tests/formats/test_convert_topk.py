@@ -105,7 +105,7 @@ def test_top_k_zero_without_samples_to_keep_is_refused(tmp_path):
 
 def test_cli_derives_with_the_source_backend_by_default(tmp_path):
     src = _source(tmp_path, backend="zarr")
-    proc = subprocess.run([sys.executable, "-m", "formats.cli", "convert", str(src), "--out", str(tmp_path / "k2"),
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "convert", str(src), "--out", str(tmp_path / "k2"),
                            "--top-k", "2", "--drop-samples"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "top-k 2, 0 RS-KD draws" in proc.stdout

@@ -51,7 +51,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def build(teacher: Path, corpus: Path, out: Path, **kw) -> str:
-    from cache_builder.build import BuildSettings, run_build
+    from cache_builder.build import run_build
+    from cache_builder.settings import BuildSettings
 
     base = dict(teacher=str(teacher), corpus=[str(corpus)], out=str(out), top_k=8, sample_draws=16, hidden_layers=[1, 2],
                 heldout_fraction=0.3, seq_len=128, shard_tokens=300, max_batch_tokens=512, progress=False)

@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.integration
 def test_quick_demo_builds_trains_evaluates_and_reports(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "formats.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
                           capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

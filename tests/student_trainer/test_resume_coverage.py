@@ -52,7 +52,7 @@ def logged_batches(self, epoch, start_step=0):
 
 if __name__ == "__main__":
     loader.EpochReader.batches = logged_batches
-    from formats.cli import main
+    from kdcache.cli import main
 
     sys.exit(main(sys.argv[1:]))
 '''

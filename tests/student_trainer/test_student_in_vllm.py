@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from student_trainer.train import TrainSettings, train
+from student_trainer.train import train
+from student_trainer.settings import TrainSettings
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 

@@ -17,7 +17,9 @@ from formats.reader import open_cache
 from student_trainer.loader import collate
 from student_trainer.schedule import ScheduleError, value_at
 from student_trainer.student import student_from_teacher, uniform_layers
-from student_trainer.train import DistillModel, TrainError, TrainSettings, _lr_factor, _weights, load_settings, train
+from student_trainer.train import DistillModel, _lr_factor, _weights, train
+from student_trainer.errors import TrainError
+from student_trainer.settings import TrainSettings, load_settings
 
 METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece"}
 
@@ -76,7 +78,7 @@ def test_a_value_of_the_wrong_type_is_an_error_naming_the_key(key, value):
 
 @pytest.mark.parametrize("change, message", [
     ({"kd_kind": "kl"}, "kd_kind must be one of"),
-    ({"hidden_metric": "l1"}, "hidden_metric must be mse or cosine"),
+    ({"hidden_metric": "l1"}, "hidden_metric must be one of mse, cosine, got .l1."),
     ({"steps": 0}, "steps must be positive"),
     ({"temperature": {"kind": "cosine", "start": 2.0}}, r"schedule 'temperature' \(cosine\): needs keys"),
     ({"alpha": {"kind": "step", "values": [1, 0], "boundaries": [5, 9]}}, "one more value than boundaries"),
@@ -89,7 +91,7 @@ def test_bad_settings_are_refused_before_training_with_one_clear_error(change, m
 
 
 def test_the_train_command_reports_a_bad_config_on_one_line_with_exit_status_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "formats.cli", "train", "--config",
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", "--config",
                            write_config(tmp_path, "learnig_rate: 0.1\n"), "--steps", "3"], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

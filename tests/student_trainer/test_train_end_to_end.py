@@ -25,7 +25,7 @@ METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_ov
 
 
 def kdcache(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "formats.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def train_args(cache: str, teacher: Path, out: Path, steps: int, **extra) -> list[str]:
@@ -108,7 +108,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_parameters(tiny_teach
     out = tmp_path / "killed"
     args = train_args(tiny_cache, tiny_teacher, out, steps=8, num_workers=num_workers, checkpoint_every=3)
     # Its own session, so that SIGKILL takes the loader's worker processes down with it, as a dying node would.
-    proc = subprocess.Popen([sys.executable, "-m", "formats.cli", *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not (out / "checkpoints" / "latest").exists():
@@ -140,7 +140,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 from student_trainer import loader
-from student_trainer.train import load_settings, train
+from student_trainer.train import train
+from student_trainer.settings import load_settings
 
 seen = []
 read_batches = loader.EpochReader.batches

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from student_trainer.reporting import ReportError
-from student_trainer.train import TrainSettings, load_settings, train
+from student_trainer.train import train
+from student_trainer.settings import TrainSettings, load_settings
 
 
 def settings(tiny_cache: str, tiny_teacher: Path, out: Path, **kw) -> TrainSettings:

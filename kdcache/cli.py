@@ -1,0 +1,180 @@
+"""The `kdcache` command: one subcommand per job, each with the flags its settings dataclass defines.
+
+Handlers import the package that does the work when they run, so `kdcache --help` and a bad flag answer fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from cache_builder.settings import BuildSettings, VllmOptions
+from formats.errors import KdError
+from formats.settings import add_arguments, check, given, setting
+from student_trainer.settings import EvalSettings, TrainSettings
+
+
+@dataclass
+class InspectSettings:
+    cache: str = setting("", "cache directory or fsspec URL", positional=True)
+    json: bool = setting(False, "print the description as JSON")
+
+
+@dataclass
+class VerifySettings:
+    cache: str = setting("", "cache directory or fsspec URL", positional=True)
+    checksums: bool = setting(True, "recompute every file's sha256 (--no-checksums: faster, structure and values "
+                                    "only)")
+
+
+@dataclass
+class ConvertSettings:
+    cache: str = setting("", "source cache directory or fsspec URL", positional=True)
+    out: str = setting("", "new cache directory", required=True)
+    to: str | None = setting(None, "target backend (default: the source's)", choices=("zarr", "parquet"))
+    top_k: int | None = setting(None, "keep the first K top-k entries; the rest join the tail mass", min=0)
+    drop_samples: bool = setting(False, "leave out the RS-KD samples")
+    overwrite: bool = setting(False, "replace whatever is at --out")
+
+
+@dataclass
+class MergeSettings:
+    out: str = setting("", "the merged cache directory; every part must be a folder inside it", positional=True)
+    parts: list[str] = setting(list, "part cache directories (inside OUT)", positional=True, nargs="+")
+
+
+@dataclass
+class DemoSettings:
+    out: str = setting("demo_out", "folder for the corpus, cache, students and report")
+    quick: bool = setting(False, "a ~2-minute version (used in tests)")
+    corpus: str = setting("", "your own corpus instead of the standard library's sources")
+    backend: str = setting("auto", "teacher runtime for the cache", choices=("auto", "hf", "vllm"))
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from cache_builder.build import run_build
+
+    run_build(BuildSettings(**given(args, BuildSettings), vllm=given(args, VllmOptions, prefix="vllm")))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from cache_builder.merge import merge_parts
+
+    m = merge_parts(args.out, args.parts)
+    t = m.totals()
+    print(f"{args.out}: merged {len(args.parts)} parts, {t['shards']} shards, {t['tokens']} tokens")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from formats.summary import describe, describe_text
+
+    d = describe(args.cache)
+    print(json.dumps(d, indent=1) if args.json else describe_text(d))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from formats.verify import verify_cache
+
+    problems = verify_cache(args.cache, checksums=args.checksums is not False)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) found in {args.cache}", file=sys.stderr)
+        return 1
+    print(f"{args.cache}: OK")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from formats.convert import convert_cache
+    from formats.reader import open_cache
+
+    s = ConvertSettings(**given(args, ConvertSettings))
+    check(s, KdError)
+    backend = s.to or open_cache(s.cache).manifest.backend
+    m = convert_cache(s.cache, backend, s.out, overwrite=s.overwrite, top_k=s.top_k, drop_samples=s.drop_samples)
+    if "derived_from" in m.build:
+        print(f"{s.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k}, "
+              f"{m.sample_draws} RS-KD draws (derived from {s.cache})")
+    else:
+        print(f"{s.out}: {m.totals()['shards']} shards written as {backend}; content checksums match {s.cache}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from student_trainer.settings import load_settings
+    from student_trainer.train import train
+
+    summary = train(load_settings(args.config, given(args, TrainSettings)))
+    print(f"kdcache train: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.1f} s, "
+          f"last loss {summary['last'].get('loss')} -> {summary['out']}/final")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from student_trainer.evaluate import evaluate, format_table
+
+    s = EvalSettings(**given(args, EvalSettings))
+    s.validate()
+    result = evaluate(s.student, s.cache, s.split, s.batch_size, s.device, verify=s.verify)
+    if not s.json:
+        print(format_table({s.student: result}))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdcache.demo import run_demo
+
+    s = DemoSettings(**given(args, DemoSettings))
+    run_demo(s.out, quick=s.quick, corpus=s.corpus or None, backend=s.backend)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdcache", description="Offline knowledge distillation from a teacher cache.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str, settings=None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if settings is not None:
+            add_arguments(p, settings)
+        p.set_defaults(func=handler)
+        return p
+
+    p = command("build", cmd_build, "run a teacher once over a corpus and write a cache", BuildSettings)
+    add_arguments(p.add_argument_group("vLLM engine (--backend vllm only)"), VllmOptions, prefix="vllm")
+    command("merge", cmd_merge, "join caches built with --num-parts into one cache (no shard data is copied)",
+            MergeSettings)
+    command("inspect", cmd_inspect, "describe a cache: teacher, fields, splits, sizes", InspectSettings)
+    command("verify", cmd_verify, "check checksums, schema and value invariants of a cache", VerifySettings)
+    command("convert", cmd_convert, "rewrite a cache with the other storage backend, or derive a smaller one",
+            ConvertSettings)
+    p = command("train", cmd_train, "train a student from a cache (no teacher in memory)")
+    p.add_argument("--config", help="YAML file of training settings (the flags below override it)")
+    add_arguments(p, TrainSettings)
+    command("eval", cmd_eval, "compare a student with the cached teacher on a split", EvalSettings)
+    command("demo", cmd_demo, "cache the embedded teacher over real text, distill a student, compare with CE only",
+            DemoSettings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KdError as e:
+        print(f"kdcache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kdcache {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Errors of the student trainer."""
+
+from formats.errors import KdError
+
+
+class TrainError(KdError):
+    """Bad training settings or a cache/student that do not fit together; the message names the setting or file."""
