@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache_builder.errors import BuildError
-from formats.schema import MAX_K
 from formats.settings import check, coerce, content_settings, int_list, setting
 
 # Storage dtype names on the command line -> the format's dtype names.
@@ -26,7 +25,7 @@ class BuildSettings:
     backend: str = setting("hf", "teacher runtime", choices=("hf", "vllm"))
     format: str = setting("parquet", "storage backend of the cache", choices=("parquet", "zarr"))
     top_k: int = setting(64, "top-k log-probs stored per position (0 with --sample-draws: a samples-only RS-KD "
-                             "cache)", min=0, max=MAX_K)
+                             "cache)", min=0)
     temperature: float = setting(1.0, "capture temperature: log_softmax(logits / T)", above=0)
     logprob_dtype: str = setting("fp32", "storage dtype of top-k log-probs", choices=tuple(LOGPROB_DTYPES))
     sample_draws: int = setting(0, "RS-KD: draws per position from the teacher distribution (0 = off)", min=0,

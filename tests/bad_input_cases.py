@@ -102,12 +102,10 @@ CASES = [
 
 def prepare(root: Path) -> dict[str, str]:
     """Every file the cases name, under `root`: a tiny teacher, a cache it built, students, bad corpora."""
-    sys.path.insert(0, str(Path(__file__).parent / "cache_builder"))  # tiny_teacher.py lives with the builder tests
-    from tiny_teacher import TOKENIZER_FILES, make_tiny_teacher
-
     from cache_builder.build import run_build
-    from cache_builder.settings import BuildSettings
     from cache_builder.default_teacher import default_teacher_dir
+    from cache_builder.settings import BuildSettings
+    from tests.cache_builder.tiny_teacher import TOKENIZER_FILES, make_tiny_teacher
 
     tokenizer_dir = default_teacher_dir()
     teacher = make_tiny_teacher(root / "teacher", tokenizer_dir)

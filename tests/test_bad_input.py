@@ -10,7 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
-from bad_input_cases import CASES, Case, Outcome, prepare, run_cases  # noqa: E402
+
+from tests.bad_input_cases import CASES, Case, Outcome, prepare, run_cases
 
 pytestmark = pytest.mark.integration
 

@@ -142,8 +142,8 @@ def test_a_student_folder_shipping_code_is_refused_without_running_it(folder_wit
 
 def test_a_teacher_folder_shipping_code_is_refused_by_the_builder_without_running_it(folder_with_code, tmp_path):
     from cache_builder.build import run_build
-    from cache_builder.settings import BuildSettings
     from cache_builder.errors import BuildError
+    from cache_builder.settings import BuildSettings
 
     corpus = tmp_path / "doc.txt"
     corpus.write_text("some text to cache")

@@ -13,22 +13,19 @@ import pytest
 import torch
 
 from cache_builder.build import run_build
-from cache_builder.settings import BuildSettings
 from cache_builder.capture import draw_samples
 from cache_builder.errors import BuildError
+from cache_builder.settings import BuildSettings
 from formats.errors import CacheError, KdError
 from formats.reader import open_cache
 from formats.schema import bf16_to_f32
 from formats.verify import verify_cache
 from formats.writer import CacheWriter
-from tiny_teacher import PAD_ROWS, make_tiny_teacher
+from tests.cache_builder.tiny_teacher import PAD_ROWS
 
 STDLIB = Path(os.__file__).parent
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory, teacher_dir) -> Path:
-    return make_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher", teacher_dir)
 
 
 def write_corpus(folder: Path, names: list[str], chars: int) -> Path:
@@ -199,7 +196,7 @@ def test_parts_merge_into_one_cache_holding_every_sequence_once(tiny_teacher, sm
         ({"shard_tokens": 0}, "--shard-tokens must be positive"),
         ({"seq_len": 0}, "--seq-len must be positive"),
         ({"top_k": 0}, r"--top-k must be positive, or 0 for a samples-only RS-KD cache with --sample-draws"),
-        ({"top_k": -1, "sample_draws": 8}, r"--top-k must be positive, or 0"),
+        ({"top_k": -1, "sample_draws": 8}, r"--top-k must be non-negative, got -1"),
     ],
 )
 def test_bad_build_settings_give_one_clear_error(tiny_teacher, small_corpus, tmp_path, change, message):

@@ -24,7 +24,6 @@ from cache_builder.default_teacher import (
 )
 from cache_builder.errors import BuildError
 
-
 # --- the real conversion -----------------------------------------------------------------------------
 
 

@@ -7,21 +7,21 @@ through the command line and compares shard by shard: the shard layout, the mani
 checksums of every field that holds no teacher float (ids, offsets, masks, counts), and the teacher's
 floats to within what another CPU's float32 kernels can change (summation order).
 
-Re-record only for an intended change of the content: `python tests/cache_builder/test_golden_build.py`.
+Re-record only for an intended change of the content: `python -m tests.cache_builder.test_golden_build`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from formats.reader import open_cache
 from formats.schema import content_sha256, to_float32
+from kdcache.cli import main
+from tests.cache_builder.tiny_teacher import make_tiny_teacher
 
 GOLDEN = Path(__file__).parents[1] / "data" / "golden_build.npz"
 STDLIB = Path(os.__file__).parent
@@ -60,7 +60,7 @@ BUILDS = {
 }
 
 
-def build_all(main, teacher: Path, root: Path) -> dict[str, str]:
+def build_all(teacher: Path, root: Path) -> dict[str, str]:
     text, chat = write_inputs(root / "corpus")
     out = {}
     for name, args in BUILDS.items():
@@ -91,18 +91,9 @@ def snapshot(caches: dict[str, str]) -> dict[str, np.ndarray]:
     return arrays
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory, teacher_dir) -> Path:
-    from tiny_teacher import make_tiny_teacher
-
-    return make_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher", teacher_dir)
-
-
 def test_a_fixed_build_gives_the_cache_it_gave_before_the_restructuring(tiny_teacher, tmp_path):
-    from kdcache.cli import main  # TEMP until kdcache/ exists
-
     golden = dict(np.load(GOLDEN))
-    caches = build_all(main, tiny_teacher, tmp_path)
+    caches = build_all(tiny_teacher, tmp_path)
     now = snapshot(caches)
     assert sorted(now) == sorted(golden), "the shard layout or the field table changed"
     for name, url in caches.items():
@@ -130,21 +121,14 @@ def test_a_fixed_build_gives_the_cache_it_gave_before_the_restructuring(tiny_tea
                     np.testing.assert_array_equal(a, b, err_msg=f"{key}/{field}")
 
 
-if __name__ == "__main__":  # re-record the golden data (an intended change of the cache's content only)
+if __name__ == "__main__":  # re-record: `python -m tests.cache_builder.test_golden_build` (intended changes only)
     import tempfile
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny_teacher import make_tiny_teacher
 
     from cache_builder.default_teacher import default_teacher_dir
 
-    try:
-        from kdcache.cli import main  # TEMP until kdcache/ exists
-    except ImportError:  # before the front door moved out of formats
-        from kdcache.cli import main
     with tempfile.TemporaryDirectory() as tmp:
         teacher = make_tiny_teacher(Path(tmp) / "teacher", default_teacher_dir())
-        snap = snapshot(build_all(main, teacher, Path(tmp)))
+        snap = snapshot(build_all(teacher, Path(tmp)))
     GOLDEN.parent.mkdir(exist_ok=True)
     np.savez_compressed(GOLDEN, **snap)
     print(f"{GOLDEN}: {len(snap)} arrays, {GOLDEN.stat().st_size} bytes")

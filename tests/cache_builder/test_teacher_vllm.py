@@ -19,7 +19,7 @@ from cache_builder.build import Job, run_build
 from cache_builder.capture import CaptureSettings
 from cache_builder.errors import BuildError
 from cache_builder.settings import BuildSettings, VllmOptions
-from tiny_teacher import make_tiny_teacher
+from tests.cache_builder.tiny_teacher import make_tiny_teacher
 
 K = 20
 STEP_TOKENS = 128  # the engine's max_num_batched_tokens: longer rows are computed over several steps

@@ -17,7 +17,7 @@ import pytest
 
 from formats.reader import open_cache
 from formats.verify import verify_cache
-from tiny_teacher import make_tiny_teacher
+from tests.cache_builder.tiny_teacher import make_tiny_teacher
 
 pytestmark = pytest.mark.integration
 

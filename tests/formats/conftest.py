@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from synth import BACKENDS, make_sequences, rich_fields, write_cache
 
 from formats.manifest import Manifest
 from formats.schema import FieldSpec
+from tests.formats.synth import BACKENDS, make_sequences, rich_fields, write_cache
 
 
 @dataclass

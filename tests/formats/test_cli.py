@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kdcache.cli import main
 from formats.verify import verify_cache
+from kdcache.cli import main
 
 
 def test_inspect_json_describes_teacher_tokenizer_fields_splits_totals_and_shards(small_cache, capsys):

@@ -4,10 +4,10 @@ an uncompressed shard reads back the same arrays through the ordinary readers, w
 from __future__ import annotations
 
 import pytest
-from synth import BACKENDS, VOCAB, make_sequences, rich_fields, same_bytes
 
 from formats.errors import CacheError
 from formats.schema import SeqBlock, content_sha256
+from tests.formats.synth import BACKENDS, VOCAB, make_sequences, rich_fields, same_bytes
 
 
 def read_back(path, backend, fields, block):

@@ -10,13 +10,20 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from synth import default_fields, edit_manifest, make_sequences, random_sequence, same_bytes, write_cache
 
 from formats.convert import convert_cache
 from formats.errors import CacheError
 from formats.reader import open_cache
 from formats.schema import HIDDEN_DTYPES, LOGPROB_DTYPES, make_fields
 from formats.verify import verify_cache
+from tests.formats.synth import (
+    default_fields,
+    edit_manifest,
+    make_sequences,
+    random_sequence,
+    same_bytes,
+    write_cache,
+)
 
 
 def _assert_same_content(a: Path, b: Path) -> None:

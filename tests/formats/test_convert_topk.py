@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synth import make_sequences, same_bytes, write_cache
 
 from formats.convert import convert_cache
 from formats.errors import CacheError
 from formats.reader import open_cache
 from formats.schema import make_fields, to_float32
 from formats.verify import verify_cache
+from tests.formats.synth import make_sequences, same_bytes, write_cache
 
 VOCAB, DRAWS = 64, 16
 

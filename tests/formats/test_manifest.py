@@ -8,13 +8,18 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from synth import default_fields, edit_manifest, make_sequences, write_cache
 
 from formats.errors import CacheError
 from formats.manifest import MAX_MANIFEST_BYTES, manifest_from_json, parse_manifest
 from formats.reader import open_cache
 from formats.schema import MAX_K, MAX_SHARD_TOKENS, MAX_VOCAB
 from formats.verify import verify_cache
+from tests.formats.synth import (
+    default_fields,
+    edit_manifest,
+    make_sequences,
+    write_cache,
+)
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from synth import VOCAB, make_sequences, rich_fields, same_bytes
 
 from formats import shard_parquet
 from formats.errors import CacheError
 from formats.schema import SeqBlock
+from tests.formats.synth import VOCAB, make_sequences, rich_fields, same_bytes
 
 
 def both_ways(path, fields):

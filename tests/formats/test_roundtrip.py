@@ -13,14 +13,29 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from synth import BACKENDS, make_manifest, make_sequences, random_sequence, rich_fields, same_bytes, write_cache
 
 from formats.errors import CacheError
 from formats.reader import open_cache
-from formats.schema import COUNT_DTYPES, HIDDEN_DTYPES, LOGPROB_DTYPES, SeqBlock, content_sha256, make_fields
+from formats.schema import (
+    COUNT_DTYPES,
+    HIDDEN_DTYPES,
+    LOGPROB_DTYPES,
+    SeqBlock,
+    content_sha256,
+    make_fields,
+)
 from formats.shard_parquet import ParquetShard, leaf_paths
 from formats.verify import verify_cache
 from formats.writer import CacheWriter
+from tests.formats.synth import (
+    BACKENDS,
+    make_manifest,
+    make_sequences,
+    random_sequence,
+    rich_fields,
+    same_bytes,
+    write_cache,
+)
 
 
 @st.composite

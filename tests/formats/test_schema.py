@@ -6,7 +6,6 @@ import hashlib
 
 import numpy as np
 import pytest
-from synth import make_sequences, rich_fields
 
 from formats.errors import CacheError
 from formats.schema import (
@@ -22,6 +21,7 @@ from formats.schema import (
     make_fields,
     to_float32,
 )
+from tests.formats.synth import make_sequences, rich_fields
 
 
 def test_a_field_table_with_every_option_passes_the_field_table_check():

@@ -14,11 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synth import DRAWS, VOCAB, edit_manifest, make_sequences, rich_fields, write_cache
 
 from formats.errors import CacheError
 from formats.reader import open_cache
 from formats.verify import verify_cache
+from tests.formats.synth import (
+    DRAWS,
+    VOCAB,
+    edit_manifest,
+    make_sequences,
+    rich_fields,
+    write_cache,
+)
 
 R = 3  # the token row of sequence 2 that a defect is written into
 

@@ -11,13 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synth import DRAWS, VOCAB, default_fields, make_manifest, make_sequences, rich_fields, write_cache
 
 from formats.errors import CacheError
 from formats.reader import open_cache
 from formats.schema import SeqBlock
 from formats.verify import verify_cache
 from formats.writer import CacheWriter
+from tests.formats.synth import (
+    DRAWS,
+    VOCAB,
+    default_fields,
+    make_manifest,
+    make_sequences,
+    rich_fields,
+    write_cache,
+)
 
 LENGTHS = [10, 10, 12, 8, 9, 11, 7]  # with shard_tokens=20: train shards of 2, 2, 2 and 1 sequences
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from synth import VOCAB, make_sequences, rich_fields, same_bytes
 
 from formats import shard_zarr
 from formats.errors import CacheError
 from formats.schema import SeqBlock
+from tests.formats.synth import VOCAB, make_sequences, rich_fields, same_bytes
 
 
 def open_shard(path, fields, block):

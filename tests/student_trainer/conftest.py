@@ -8,37 +8,16 @@ BF16 top-k log-probs and F16 hidden states, so the loader meets the other backen
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-# No test may reach the network: the tokenizer comes from the default teacher converted on this machine.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
+import pytest
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-sys.path.append(str(Path(__file__).parents[1] / "cache_builder"))  # tiny_teacher.py lives with the builder tests
-
-from tiny_teacher import make_tiny_teacher  # noqa: E402
+from cache_builder.build import run_build
+from cache_builder.settings import BuildSettings
 
 STDLIB = Path(os.__file__).parent
 CORPUS_FILES = ["colorsys.py", "textwrap.py", "json/decoder.py", "bisect.py", "heapq.py", "keyword.py", "fnmatch.py",
                 "glob.py"]
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir() -> Path:
-    """The default teacher's folder (SmolLM2 tokenizer); converted once per machine."""
-    from cache_builder.default_teacher import default_teacher_dir
-
-    return default_teacher_dir()
-
-
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory, tokenizer_dir) -> Path:
-    """2 layers, hidden 128, SmolLM2 tokenizer, 64 padded output rows past the vocabulary."""
-    return make_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher", tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +30,6 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def build(teacher: Path, corpus: Path, out: Path, **kw) -> str:
-    from cache_builder.build import run_build
-    from cache_builder.settings import BuildSettings
-
     base = dict(teacher=str(teacher), corpus=[str(corpus)], out=str(out), top_k=8, sample_draws=16, hidden_layers=[1, 2],
                 heldout_fraction=0.3, seq_len=128, shard_tokens=300, max_batch_tokens=512, progress=False)
     base.update(kw)

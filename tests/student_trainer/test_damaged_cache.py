@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the forking kdcache runner lives beside the bad-input table
-from bad_input_cases import Run, run_forked  # noqa: E402
+from tests.bad_input_cases import Run, run_forked
 
 pytestmark = pytest.mark.integration
 

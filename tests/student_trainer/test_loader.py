@@ -14,8 +14,16 @@ import torch
 
 from formats.reader import open_cache
 from formats.schema import from_float32, make_fields, to_float32
-from student_trainer.loader import (IGNORE, Batch, EpochReader, LoaderError, LoaderSettings, PackedBatches, ResumeState,
-                                    collate)
+from student_trainer.loader import (
+    IGNORE,
+    Batch,
+    EpochReader,
+    LoaderError,
+    LoaderSettings,
+    PackedBatches,
+    ResumeState,
+    collate,
+)
 
 # Small batches and windows so that one epoch of the tiny cache has several windows and short last batches.
 SMALL = LoaderSettings(batch_size=2, shuffle_blocks=2, num_workers=0)

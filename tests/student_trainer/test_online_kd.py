@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: `benchmarks` is not an installed package
-
-from benchmarks.online_kd import full_kd_loss, online_step, teacher_logits  # noqa: E402
+from benchmarks.online_kd import full_kd_loss, online_step, teacher_logits
 from student_trainer.losses import KDConfig, fkl_ghost, kd_loss  # noqa: E402
 
 B, T, V = 2, 5, 40

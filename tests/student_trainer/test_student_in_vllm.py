@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from student_trainer.train import train
 from student_trainer.settings import TrainSettings
+from student_trainer.train import train
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 

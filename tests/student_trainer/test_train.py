@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from formats.reader import open_cache
+from student_trainer.errors import TrainError
 from student_trainer.loader import collate
 from student_trainer.schedule import ScheduleError, value_at
+from student_trainer.settings import TrainSettings, load_settings
 from student_trainer.student import student_from_teacher, uniform_layers
 from student_trainer.train import DistillModel, _lr_factor, _weights, train
-from student_trainer.errors import TrainError
-from student_trainer.settings import TrainSettings, load_settings
 
 METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece"}
 
@@ -156,7 +156,7 @@ def test_a_student_with_all_teacher_layers_equals_the_teacher(tiny_teacher):
 
 
 def test_a_student_with_fewer_layers_copies_the_evenly_spread_teacher_layers(tmp_path, tokenizer_dir):
-    from tiny_teacher import make_tiny_teacher
+    from tests.cache_builder.tiny_teacher import make_tiny_teacher
     from transformers import AutoModelForCausalLM
 
     assert uniform_layers(5, 3) == [0, 2, 4] and uniform_layers(30, 4) == [0, 10, 19, 29] and uniform_layers(5, 1) == [4]
@@ -173,7 +173,7 @@ def test_a_student_with_fewer_layers_copies_the_evenly_spread_teacher_layers(tmp
 
 
 def test_a_derived_student_keeps_the_attention_types_of_the_layers_it_copies(tmp_path, tokenizer_dir):
-    from tiny_teacher import TOKENIZER_FILES
+    from tests.cache_builder.tiny_teacher import TOKENIZER_FILES
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder = tmp_path / "teacher"
@@ -201,7 +201,7 @@ def test_a_student_whose_tokenizer_differs_from_the_caches_is_refused(tiny_teach
 
 
 def test_a_student_with_fewer_output_rows_than_the_cache_vocabulary_is_refused(tokenizer_dir, tiny_cache, tmp_path):
-    from tiny_teacher import TOKENIZER_FILES
+    from tests.cache_builder.tiny_teacher import TOKENIZER_FILES
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "small-vocab"

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from student_trainer.reporting import ReportError
-from student_trainer.train import train
 from student_trainer.settings import TrainSettings, load_settings
+from student_trainer.train import train
 
 
 def settings(tiny_cache: str, tiny_teacher: Path, out: Path, **kw) -> TrainSettings:
