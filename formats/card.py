@@ -43,7 +43,7 @@ def render_card(m: Manifest) -> str:
         "|---|---|",
         f"| teacher | {t.get('name', '?')} ({t.get('backend', '?')} {t.get('backend_version', '')}, {t.get('dtype', '?')}) |",
         f"| tokenizer vocab | {m.vocab_size} |",
-        f"| corpus | {len(m.corpus.get('sources', []))} source(s), fingerprint {str(m.corpus.get('fingerprint', ''))[:16]} |",
+        f"| corpus | {len(m.corpus.get('sources', []))} source(s), fingerprint {str(m.corpus.get('sha256', ''))[:16]} |",
         f"| top-k | {m.top_k}, log-probs in {m.fields['topk_logprobs'].dtype}, temperature {b.get('temperature')} |"
         if m.top_k else f"| top-k | none (samples-only RS-KD cache), temperature {b.get('temperature')} |",
         f"| RS-KD draws | {m.sample_draws or 'none'} |",

@@ -159,7 +159,8 @@ def check_field_table(fields: dict[str, FieldSpec]) -> None:
         raise CacheError("manifest fields: sample_ids and sample_counts come together")
     if "sample_ids" in fields:
         ids, counts = fields["sample_ids"], fields["sample_counts"]
-        if ids.dtype != "I32" or counts.dtype not in COUNT_DTYPES or ids.shape != counts.shape or len(ids.shape) != 1:
+        if (ids.per, counts.per) != ("token", "token") or ids.dtype != "I32" or counts.dtype not in COUNT_DTYPES \
+                or ids.shape != counts.shape or len(ids.shape) != 1:
             raise CacheError("manifest fields: sample_ids must be I32 [S] and sample_counts U8/U16 [S]")
         if ids.shape[0] > MAX_K:
             raise CacheError(f"manifest field 'sample_ids': S = {ids.shape[0]} is above the limit {MAX_K}")

@@ -72,7 +72,7 @@ def make_manifest(backend: str, fields: dict[str, FieldSpec], vocab: int, draws:
         teacher={"name": "synthetic", "backend": "test", "dtype": "F32"},
         tokenizer={"fingerprint": "0" * 64, "vocab_size": vocab, "special_ids": {"bos": None, "eos": None, "pad": None}},
         build={"top_k": top_k_of(fields), "temperature": 1.0, "sample_draws": draws},
-        corpus={"fingerprint": "0" * 64, "sources": []},
+        corpus={"sha256": "0" * 64, "sources": []},
         created_by="kdcache tests",
     )
 

@@ -216,6 +216,7 @@ def test_the_card_exists_and_its_snippet_opens_the_first_shard_without_kdcache(t
     card = (tmp_path / "c" / "README.md").read_text()
     assert "synthetic" in card and "`train`: 2 sequences, 12 tokens, 1 shards" in card
     assert "| `hidden/5` | token | BF16 | [8] |" in card
+    assert "fingerprint 0000000000000000 |" in card  # the manifest's corpus.sha256 (the card once read another key)
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     assert ("import pyarrow.parquet as pq" if backend == "parquet" else "import zarr") in snippet
     monkeypatch.chdir(tmp_path / "c")
