@@ -46,7 +46,8 @@ class BuildSettings:
     skip_bad_records: bool = setting(False, "skip and count malformed records instead of failing")
     max_batch_tokens: int = setting(8192, "padded tokens per teacher forward", above=0)
     shard_tokens: int = setting(262144, "tokens per shard", above=0)
-    dtype: str = setting("auto", "teacher compute dtype (auto: fp32 on CPU, bf16 on GPU)", choices=COMPUTE_DTYPES)
+    dtype: str = setting("auto", "teacher compute dtype; auto: fp32 on CPU, bf16 on GPU",
+                         choices=COMPUTE_DTYPES)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = setting(False, "allow code shipped with the teacher to run")
     seed: int = setting(0, "RS-KD sampling seed", min=0)
@@ -84,11 +85,11 @@ class VllmOptions:
     """`BuildSettings.vllm`: engine options, named like vLLM's `LLM(...)` arguments (None = vLLM's default). Only
     the options given are recorded in the manifest, so an hf build records none."""
 
-    capture: str = setting("hooks", "how records leave the engine: hooks (computed inside it) | logprobs "
-                                    "(prompt_logprobs fallback)", choices=("hooks", "logprobs"))
+    capture: str = setting("hooks", "how records leave the engine: hooks = computed inside it; logprobs = the "
+                                    "slower prompt_logprobs fallback", choices=("hooks", "logprobs"))
     tensor_parallel_size: int = setting(1, "GPUs per teacher replica (splits every layer)", above=0)
     pipeline_parallel_size: int = setting(1, "pipeline stages (splits the layer stack; multi-node)", above=0)
-    distributed_executor_backend: str | None = setting(None, "mp | ray")
+    distributed_executor_backend: str | None = setting(None, "how vLLM runs its workers: mp or ray")
     gpu_memory_utilization: float | None = setting(None, "fraction of each GPU vLLM may use (weights + KV cache)",
                                                    above=0, max=1)
     max_model_len: int | None = setting(None, "engine context length (default and minimum: --seq-len + 1)", above=0)

@@ -316,3 +316,26 @@ def content_settings(obj: Any) -> dict[str, Any]:
     """The settings of `obj` that change what it produces (fields made with content=True), as plain data."""
     d = dataclasses.asdict(obj)
     return {f.name: d[f.name] for f in dataclasses.fields(obj) if f.metadata.get("content", True)}
+
+
+def markdown_options(cls, prefix: str = "") -> str:
+    """The settings of `cls` that have flags, as a Markdown table (flag, default, meaning): README's option tables
+    are these, checked by a test."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in setting_fields(cls):
+        if not f.metadata["cli"] or f.metadata["positional"]:
+            continue
+        default = default_of(f)
+        if f.metadata["required"]:
+            shown = "required"
+        elif isinstance(default, bool):
+            shown = "on" if default else "off"
+        elif default in (None, "", [], {}):
+            shown = "-"
+        else:
+            shown = f"`{','.join(map(str, default)) if isinstance(default, (list, tuple)) else default}`"
+        flag = flag_of(f, prefix)
+        choices = f.metadata["choices"]
+        meaning = f.metadata["help"] + (f" ({' / '.join(map(str, choices))})" if choices else "")
+        rows.append(f"| `{flag}` | {shown} | {meaning.replace('|', '/')} |")
+    return "\n".join(rows)
