@@ -179,45 +179,33 @@ class CacheWriter:
             return None
         return self.write_shard(split, SeqBlock.from_sequences(seqs, self.manifest.fields))
 
+    def shard_path(self, split: str, index: int) -> str:
+        """The relative path of shard `index` of `split` (0-based within the split)."""
+        return f"{SHARD_DIR}/{split}-{index:05d}{EXT[self.manifest.backend]}"
+
     def write_shard(self, split: str, block: SeqBlock) -> ShardEntry:
-        """Publish one shard: temp name, fsync, rename, then the manifest that names it."""
-        fields = self.manifest.fields
-        check_block(block, fields, f"shard of split {split!r}")
+        """Publish the next shard of `split`: its files (temp name, fsync, rename), then the manifest naming it."""
         index = sum(1 for s in self.manifest.shards if s.split == split)
-        rel = f"{SHARD_DIR}/{split}-{index:05d}{EXT[self.manifest.backend]}"
-        final = self.root / rel
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        try:
-            _remove(tmp)
-            _remove(final)  # left by a crash between rename and manifest: not part of the cache
-            write_shard_files(tmp, block, fields, self.manifest.backend)
-            _fsync_tree(tmp)
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-            files, sha = shard_files(final)
-        except OSError as e:
-            for leftover in (tmp, final):
-                with contextlib.suppress(OSError):
-                    _remove(leftover)
-            raise CacheError(f"{final}: could not write shard ({e.strerror or e})") from None
-        entry = ShardEntry(
-            path=rel,
-            split=split,
-            sequences=len(block),
-            tokens=block.num_tokens,
-            bytes=sum(f.bytes for f in files),
-            sha256=sha,
-            files=files,
-            content_sha256=content_sha256(block, fields),
-        )
+        entry = write_shard(self.root, self.shard_path(split, index), split, block, self.manifest.fields,
+                            self.manifest.backend)
+        return self.publish(entry)
+
+    def publish(self, entry: ShardEntry) -> ShardEntry:
+        """Name a shard whose files are already in place (`write_shard`, possibly by another process) in the
+        manifest. Shards of a split must be published in index order."""
+        index = sum(1 for s in self.manifest.shards if s.split == entry.split)
+        if entry.path != self.shard_path(entry.split, index):
+            raise CacheError(f"{self.root}: shard {entry.path!r} published out of order (next is "
+                             f"{self.shard_path(entry.split, index)!r})")
         self.manifest.shards.append(entry)
         try:
             write_manifest(self.root, self.manifest)
         except OSError as e:
             self.manifest.shards.pop()  # not named by the manifest on disk, so not part of the cache:
             with contextlib.suppress(OSError):  # removed, so the folder holds only what the manifest names
-                _remove(final)
-            raise CacheError(f"{self.root / MANIFEST_NAME}: could not publish shard {rel} ({e.strerror or e})") from None
+                _remove(self.root / entry.path)
+            raise CacheError(f"{self.root / MANIFEST_NAME}: could not publish shard {entry.path} "
+                             f"({e.strerror or e})") from None
         return entry
 
     def finish(self) -> Manifest:
@@ -247,6 +235,31 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_shard(root: Path, rel: str, split: str, block: SeqBlock, fields: dict[str, FieldSpec],
+                backend: str) -> ShardEntry:
+    """Write one shard's files at `root/rel` atomically (temp name, fsync, rename) and describe them; the shard
+    is part of the cache only once a manifest names it (`CacheWriter.publish`). Any process may call this."""
+    check_block(block, fields, f"shard of split {split!r}")
+    final = Path(root) / rel
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        _remove(tmp)
+        _remove(final)  # left by a crash between rename and manifest: not part of the cache
+        write_shard_files(tmp, block, fields, backend)
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        files, sha = shard_files(final)
+    except OSError as e:
+        for leftover in (tmp, final):
+            with contextlib.suppress(OSError):
+                _remove(leftover)
+        raise CacheError(f"{final}: could not write shard ({e.strerror or e})") from None
+    return ShardEntry(path=rel, split=split, sequences=len(block), tokens=block.num_tokens,
+                      bytes=sum(f.bytes for f in files), sha256=sha, files=files,
+                      content_sha256=content_sha256(block, fields))
 
 
 def _first_difference(a: object, b: object, path: str = "") -> str | None:
