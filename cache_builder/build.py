@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cache_builder.dtypes import HIDDEN_DTYPES, LOGPROB_DTYPES
 from cache_builder.errors import BuildError
-from cache_builder.settings import HIDDEN_DTYPES, LOGPROB_DTYPES, BuildSettings
+from cache_builder.settings import BuildSettings
 from formats.manifest import Manifest
 from formats.schema import SeqBlock, make_fields
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_builder.capture import CaptureSettings, capture_rows, to_numpy
+from cache_builder.dtypes import resolve_dtype, torch_dtype
 from cache_builder.errors import BuildError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -60,16 +61,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
 def describe_teacher(path: str, name: str, settings) -> dict:
     """The manifest's `teacher` section, from the folder alone (no weights loaded)."""
     import torch
@@ -112,7 +103,7 @@ def load_hf_teacher(path: str, dtype: str = "auto", device: str = "auto", trust_
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise BuildError(f"teacher {path!r}: cannot be loaded by transformers ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
@@ -171,7 +162,7 @@ def forward_records(
         ids[j, : len(r)] = torch.from_numpy(r.astype(np.int64))
         mask[j, : len(r)] = 1
     ids, mask = ids.to(device), mask.to(device)
-    hid_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}[hidden_dtype] if hidden_layers else None
+    hid_dtype = torch_dtype(hidden_dtype) if hidden_layers else None
     with torch.inference_mode():
         out = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(hidden_layers), use_cache=False)
         records = []

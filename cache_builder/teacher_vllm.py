@@ -66,6 +66,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from cache_builder.capture import CaptureSettings, to_numpy
+from cache_builder.dtypes import resolve_dtype, torch_dtype
 from cache_builder.errors import BuildError
 from cache_builder.settings import VllmOptions
 from cache_builder.vllm_worker import TAG, unpack
@@ -151,8 +152,6 @@ def resolve_eager(opts: VllmOptions, device: str, intermediate_layers: bool) -> 
 
 def engine_args(path: str, settings, opts: VllmOptions, *, eager: bool, max_logprobs: int | None = None) -> dict:
     """Keyword arguments of `vllm.LLM` for a build."""
-    from cache_builder.teacher_hf import resolve_dtype
-
     device = engine_device(settings)
     kwargs = dict(
         model=path, tokenizer=path, skip_tokenizer_init=True, trust_remote_code=settings.trust_remote_code,
@@ -278,8 +277,6 @@ def logprob_records(llm, jobs, cs: CaptureSettings) -> list[dict[str, np.ndarray
     import torch
     from vllm import SamplingParams
 
-    from cache_builder.capture import _TORCH_DTYPE
-
     k = cs.top_k
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k, detokenize=False,
                             flat_logprobs=True)
@@ -302,7 +299,7 @@ def logprob_records(llm, jobs, cs: CaptureSettings) -> list[dict[str, np.ndarray
         top = torch.from_numpy(lps)
         records.append({
             "topk_ids": ids.astype(np.int32),
-            "topk_logprobs": to_numpy(top.to(_TORCH_DTYPE[cs.logprob_dtype])),
+            "topk_logprobs": to_numpy(top.to(torch_dtype(cs.logprob_dtype))),
             "tail_logmass": _tail_logmass(lps),
             "target_logprob": first.astype(np.float32),
         })
