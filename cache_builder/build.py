@@ -110,7 +110,9 @@ def run_build(s: BuildSettings) -> Manifest:
     from transformers import AutoTokenizer
 
     from cache_builder.capture import CaptureSettings, sample_seed
-    from cache_builder.corpus import CorpusOptions, CorpusStats, corpus_fingerprint, tokenize_corpus
+    from cache_builder.corpus import tokenize_corpus
+    from cache_builder.documents import CorpusOptions, CorpusStats
+    from cache_builder.sources import corpus_fingerprint
     from cache_builder.teacher_hf import check_teacher_folder, normalize_layers
     from formats.tokenizer import tokenizer_info
     from formats.writer import CacheWriter
