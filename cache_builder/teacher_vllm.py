@@ -10,29 +10,12 @@ may split it over steps) the LM head runs on them `row_chunk` rows at a time and
 tail mass, target log-prob, RS-KD samples, hidden states. No Python object per token or entry is made.
 Requests are matched by a key in `SamplingParams.extra_args`, not by vLLM's request ids.
 
-Why this route. Measured with benchmarks/builder_vllm.py on the 2-core CPU machine (SmolLM2-135M fp32,
-eager engine, 12 rows x 512 tokens of stdlib source; benchmarks/RESULTS.md holds the latest run):
-- plain prefill 240 tok/s; prompt_logprobs=20 177 tok/s (0.74x); this capture 175 tok/s (0.73x). At
-  k=64 (another run): 218 / 165 (0.76x) / 161 (0.74x). CPU per token, front end / engine processes:
-  7 us / 5.9 ms plain, 15 us / 8.9 ms prompt_logprobs (flat; 33 us front end at k=64), 8 us / 7.6 ms
-  this capture, which makes no per-token objects anywhere.
-- both routes that read every position run the LM head on all of them (plain prefill: the last only);
-  SmolLM2's head is about a fifth of its FLOPs, which bounds any such route near 0.8x on this model
-  (for 7B-70B teachers it is 1-6%). In the worker, per 512 positions: head 0.52 s, capture_rows 0.47 s
-  (log-softmax, top-k, the tail summed outside the top k, target; one thread).
-- prompt_logprobs looks close on this CPU only because its per-entry host work runs in the front-end
-  process, on the second core, beside a slow engine. That work does not shrink with a faster device
-  and grows with k (15 -> 33 us per token from k=20 to 64); the issue's 0.18x (2243 vs 407 tok/s) came
-  from a setup whose engine outran its front end (not reproduced on this machine). It also gives no
-  RS-KD samples, no hidden states, and its tail is 1 - sum(top k), imprecise when the top k hold
-  nearly all the mass.
-- the pooling runner (`runner="pooling"`, token_embed, measured once): encode 203 tok/s, but then the
-  front end receives (T, d) floats per row (16-32 KB per token for a 70B model, against ~0.5 KB for the
-  record at k=64) and must run the LM head itself: 558 tok/s on one CPU thread here (149 tok/s in
-  series), and on a GPU node the front end has no GPU of its own. No intermediate layers either.
-- a registered model wrapper whose head emits the record would still need this side channel out of
-  the worker (the runner hands back sampled tokens only) and would be written per architecture; the
-  hooks route works for any model vLLM runs.
+Why this route: every route that reads each position runs the LM head on all of them; they differ in what
+leaves the engine. `prompt_logprobs` builds a Python object per entry in the front-end process (work that no
+faster device shrinks and that grows with k) and gives no RS-KD samples, no hidden states and a tail of
+1 - sum(top k); the pooling runner ships every position's hidden state to a front end with no GPU to run the
+head on; a model wrapper would be written per architecture and still need this side channel. Figures:
+benchmarks/RESULTS.md, sections "vLLM builder" and "vLLM builder: earlier measurements".
 
 Fallback (`--vllm-capture logprobs`): `SamplingParams(prompt_logprobs=k, flat_logprobs=True,
 detokenize=False)` with `logprobs_mode="raw_logprobs"`. Entry t+1 of `prompt_logprobs` is the
@@ -161,9 +144,8 @@ def _check_capture(settings: BuildSettings, opts: VllmOptions) -> None:
 def resolve_eager(opts: VllmOptions, device: str, intermediate_layers: bool) -> bool:
     """Whether the engine runs eagerly. Intermediate hidden layers need it (the hooks that read them
     are not called by a compiled graph). Otherwise --vllm-enforce-eager decides, by default eager on
-    CPU only: there torch.compile took 165 s of a 214 s engine start and gave no measurable speed-up
-    (prefill 177 tok/s compiled, 180-193 eager on the 2-core machine); on GPUs compilation and CUDA
-    graphs pay."""
+    CPU only: there torch.compile made the engine start several times slower and the prefill no faster
+    (benchmarks/RESULTS.md, "vLLM builder: earlier measurements"); on GPUs compilation and CUDA graphs pay."""
     if intermediate_layers:
         if opts.enforce_eager is False:
             raise BuildError("intermediate --hidden-layers need the engine to run eagerly; drop "
