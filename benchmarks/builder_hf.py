@@ -57,10 +57,12 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from cache_builder.build import Job, bucketed_batches, resolve_teacher_path, run_build
-    from cache_builder.settings import BuildSettings
+    from cache_builder.build import bucketed_batches, resolve_teacher_path, run_build
     from cache_builder.capture import CaptureSettings
-    from cache_builder.corpus import CorpusOptions, tokenize_corpus
+    from cache_builder.corpus import tokenize_corpus
+    from cache_builder.documents import CorpusOptions
+    from cache_builder.settings import BuildSettings
+    from cache_builder.teacher import Job
     from cache_builder.teacher_hf import forward_records, load_hf_teacher
     from formats.tokenizer import tokenizer_info
 

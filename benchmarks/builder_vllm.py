@@ -94,18 +94,19 @@ def main() -> int:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from cache_builder.build import Job, resolve_teacher_path
-    from cache_builder.settings import BuildSettings
+    from cache_builder.build import resolve_teacher_path
     from cache_builder.capture import CaptureSettings
-    from cache_builder.teacher_vllm import (HookCapture, VllmOptions, engine_device, logprob_records, resolve_eager,
-                                            start_engine, vllm_version)
+    from cache_builder.settings import BuildSettings, VllmOptions
+    from cache_builder.teacher import Job
+    from cache_builder.teacher_vllm import (HookCapture, engine_device, logprob_records, resolve_eager, start_engine,
+                                            vllm_version)
 
     path, name = resolve_teacher_path(args.teacher)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = corpus_rows(tokenizer, args.tokens, args.seq_len)
     settings = BuildSettings(teacher=path, corpus=[], out="", backend="vllm", top_k=args.top_k, seq_len=args.seq_len,
                              dtype=args.dtype, vllm={"kv_cache_gib": args.kv_cache_gib, "capture": "logprobs"})
-    opts = VllmOptions.from_settings(settings)
+    opts = VllmOptions.from_dict(settings.vllm)
     eager = {"eager": True, "compiled": False}.get(args.engine, resolve_eager(opts, engine_device(settings), False))
     t0 = time.perf_counter()
     # One engine for all three modes: the logprobs route needs max_logprobs >= k at start, the capture

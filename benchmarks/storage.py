@@ -175,7 +175,8 @@ def main() -> None:
 
     from cache_builder.build import resolve_teacher_path
     from cache_builder.capture import CaptureSettings, capture_rows, sample_seed, to_numpy
-    from cache_builder.corpus import CorpusOptions, tokenize_corpus
+    from cache_builder.corpus import tokenize_corpus
+    from cache_builder.documents import CorpusOptions
     from cache_builder.teacher_hf import load_hf_teacher
     from formats import shard_parquet, shard_zarr
     from formats.schema import SeqBlock, make_fields

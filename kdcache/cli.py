@@ -54,9 +54,11 @@ class DemoSettings:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    s = BuildSettings(**given(args, BuildSettings), vllm=given(args, VllmOptions, prefix="vllm"))
+    s.validate()  # before the builder's imports (torch, transformers): a bad option is refused at once
     from cache_builder.build import run_build
 
-    run_build(BuildSettings(**given(args, BuildSettings), vllm=given(args, VllmOptions, prefix="vllm")))
+    run_build(s)
     return 0
 
 

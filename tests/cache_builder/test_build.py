@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from cache_builder.build import run_build
 from cache_builder.capture import draw_samples
 from cache_builder.errors import BuildError
+from cache_builder.merge import merge_parts
 from cache_builder.settings import BuildSettings
 from formats.errors import CacheError, KdError
 from formats.reader import open_cache
@@ -58,8 +60,6 @@ def direct_logprobs(model, ids: np.ndarray, vocab: int) -> tuple[torch.Tensor, t
 
 @pytest.mark.parametrize("fmt", ["parquet", "zarr"])
 def test_every_stored_field_equals_a_direct_torch_computation(tiny_teacher, small_corpus, tmp_path, fmt):
-    from transformers import AutoModelForCausalLM
-
     s = settings(tiny_teacher, small_corpus, tmp_path / "c", format=fmt, sample_draws=24, hidden_layers=[-1, 1],
                  heldout_fraction=0.3)
     man = run_build(s)
@@ -149,8 +149,6 @@ def test_a_second_builder_on_the_same_output_is_refused_by_the_lock(tiny_teacher
 
 
 def test_packed_documents_get_the_records_of_each_document_alone(tiny_teacher, small_corpus, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     s = settings(tiny_teacher, small_corpus, tmp_path / "c", packing=True, seq_len=512, txt_split="paragraphs")
     run_build(s)
     assert verify_cache(s.out) == []
@@ -168,8 +166,6 @@ def test_packed_documents_get_the_records_of_each_document_alone(tiny_teacher, s
 
 
 def test_parts_merge_into_one_cache_holding_every_sequence_once(tiny_teacher, small_corpus, tmp_path):
-    from cache_builder.merge import merge_parts
-
     whole = run_build(settings(tiny_teacher, small_corpus, tmp_path / "whole"))
     parts = []
     for part in range(2):
@@ -218,8 +214,6 @@ def test_cli_reports_bad_input_on_one_line_with_exit_status_2(tiny_teacher, smal
 
 @pytest.mark.integration
 def test_embedded_teacher_cache_matches_direct_computation(teacher_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     corpus = write_corpus(tmp_path / "corpus", ["colorsys.py"], 1500)
     s = settings("default", corpus, tmp_path / "c", top_k=16, seq_len=256, logprob_dtype="fp32")
     s.teacher = "default"

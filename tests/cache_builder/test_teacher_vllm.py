@@ -15,10 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_builder.build import Job, run_build
+from cache_builder.build import run_build
 from cache_builder.capture import CaptureSettings
 from cache_builder.errors import BuildError
 from cache_builder.settings import BuildSettings, VllmOptions
+from cache_builder.teacher import Job
+from cache_builder.teacher_hf import forward_records, load_hf_teacher
+from cache_builder.teacher_vllm import (HookCapture, VllmTeacher, engine_args, logprob_records, shutdown_engine,
+                                        start_engine)
+from formats.reader import open_cache
+from formats.settings import given
+from formats.verify import verify_cache
+from kdcache.cli import build_parser
 from tests.cache_builder.tiny_teacher import make_tiny_teacher
 
 K = 20
@@ -37,8 +45,6 @@ def vllm_settings(teacher: Path, **kw) -> BuildSettings:
 def smol_engine(teacher_dir):
     """One eager vLLM engine on SmolLM2 for the session, with max_logprobs=K for the fallback route."""
     pytest.importorskip("vllm")
-    from cache_builder.teacher_vllm import shutdown_engine, start_engine
-
     s = vllm_settings(teacher_dir)
     llm = start_engine(str(teacher_dir), s, VllmOptions.from_dict(s.vllm), eager=True, max_logprobs=K)
     yield llm
@@ -47,8 +53,6 @@ def smol_engine(teacher_dir):
 
 @pytest.fixture(scope="session")
 def hf_smol(teacher_dir):
-    from cache_builder.teacher_hf import load_hf_teacher
-
     return load_hf_teacher(str(teacher_dir), "float32", "cpu")
 
 
@@ -65,8 +69,6 @@ def jobs(tokenizer) -> list[Job]:
 
 
 def hf_records(hf, jobs, cs, layers, hidden_dtype="F16"):
-    from cache_builder.teacher_hf import forward_records
-
     return forward_records(hf, [j.ids for j in jobs], [j.seed for j in jobs], cs, layers, hidden_dtype,
                            [j.next_id for j in jobs])
 
@@ -92,8 +94,6 @@ def assert_same_records(got: dict, want: dict, tail_atol: float = 1e-3) -> float
 @pytest.mark.integration
 def test_capture_matches_the_transformers_backend_on_rows_split_over_engine_steps(smol_engine, hf_smol, jobs,
                                                                                    tokenizer):
-    from cache_builder.teacher_vllm import HookCapture
-
     cs = CaptureSettings(top_k=K, vocab_size=len(tokenizer), sample_draws=32)
     layers = [0, 15, 30]  # embeddings, a decoder layer's input, the final output (after the norm)
     got = HookCapture(smol_engine).records(jobs, cs, layers, "F16")
@@ -114,8 +114,6 @@ def test_capture_matches_the_transformers_backend_on_rows_split_over_engine_step
 @pytest.mark.vllm
 @pytest.mark.integration
 def test_rskd_samples_repeat_for_a_seed_and_follow_the_transformers_backend(smol_engine, hf_smol, jobs, tokenizer):
-    from cache_builder.teacher_vllm import HookCapture
-
     cs = CaptureSettings(top_k=K, vocab_size=len(tokenizer), sample_draws=16, sample_slots=16)
     capture = HookCapture(smol_engine)
     first = capture.records(jobs[:2], cs, [], "BF16")
@@ -140,8 +138,6 @@ def test_rskd_samples_repeat_for_a_seed_and_follow_the_transformers_backend(smol
 @pytest.mark.vllm
 @pytest.mark.integration
 def test_prompt_logprobs_fallback_matches_the_transformers_backend(smol_engine, hf_smol, jobs, tokenizer):
-    from cache_builder.teacher_vllm import logprob_records
-
     cs = CaptureSettings(top_k=K, vocab_size=len(tokenizer))
     got = logprob_records(smol_engine, jobs, cs)
     want = hf_records(hf_smol, jobs, cs, [])
@@ -159,8 +155,6 @@ def test_prompt_logprobs_fallback_matches_the_transformers_backend(smol_engine, 
 @pytest.mark.vllm
 @pytest.mark.integration
 def test_prompt_logprobs_fallback_refuses_ids_past_the_tokenizer_vocabulary(smol_engine, jobs):
-    from cache_builder.teacher_vllm import logprob_records
-
     with pytest.raises(BuildError, match="past the tokenizer"):
         logprob_records(smol_engine, jobs[1:2], CaptureSettings(top_k=K, vocab_size=100))
 
@@ -170,9 +164,6 @@ def test_prompt_logprobs_fallback_refuses_ids_past_the_tokenizer_vocabulary(smol
 def test_vllm_build_equals_the_transformers_build(teacher_dir, tmp_path_factory):
     """`run_build(backend="vllm")` end to end on the tiny teacher (padded vocabulary rows that would win
     every top-k if not dropped), packed documents, RS-KD samples, an intermediate and the final layer."""
-    from formats.reader import open_cache
-    from formats.verify import verify_cache
-
     tmp = tmp_path_factory.mktemp("vllm_build")
     tiny = make_tiny_teacher(tmp / "teacher", teacher_dir)
     corpus = tmp / "corpus"
@@ -203,21 +194,11 @@ def test_vllm_build_equals_the_transformers_build(teacher_dir, tmp_path_factory)
 
 
 def test_the_logprobs_route_refuses_what_it_cannot_capture(teacher_dir):
-    from cache_builder.teacher_vllm import describe_teacher
-
     for kw, flag in (({"hidden_layers": [-1]}, "--hidden-layers"), ({"sample_draws": 8}, "--sample-draws"),
                      ({"temperature": 2.0}, "--temperature")):
         s = vllm_settings(teacher_dir, vllm={"capture": "logprobs"}, **kw)
         with pytest.raises(BuildError, match=f"{flag}.*--backend hf"):
-            describe_teacher(str(teacher_dir), "t", s)
-
-
-def test_hidden_layers_outside_the_model_are_refused_naming_the_hf_backend():
-    from cache_builder.teacher_vllm import check_hidden_layers
-
-    check_hidden_layers([0, 15, 30], 30)
-    with pytest.raises(BuildError, match="--backend hf"):
-        check_hidden_layers([31], 30)
+            VllmTeacher(str(teacher_dir), "t", s).describe()
 
 
 def test_unknown_or_mistyped_engine_options_are_refused():
@@ -232,17 +213,13 @@ def test_unknown_or_mistyped_engine_options_are_refused():
 
 
 def test_the_manifest_records_the_engine_options_that_change_numerics(teacher_dir):
-    from cache_builder.teacher_vllm import describe_teacher
-
-    info = describe_teacher(str(teacher_dir), "smol", vllm_settings(teacher_dir, vllm={"kv_cache_dtype": "fp8"}))
+    info = VllmTeacher(str(teacher_dir), "smol", vllm_settings(teacher_dir, vllm={"kv_cache_dtype": "fp8"})).describe()
     assert info["backend"] == "vllm" and info["backend_version"].startswith("vllm 0.")
     assert (info["dtype"], info["quantization"], info["kv_cache_dtype"], info["capture"]) == (
         "float32", None, "fp8", "hooks")
 
 
 def test_engine_arguments_follow_the_build_settings(teacher_dir):
-    from cache_builder.teacher_vllm import engine_args
-
     s = vllm_settings(teacher_dir, seq_len=300, seed=7, vllm={"tensor_parallel_size": 2, "max_num_seqs": 8,
                                                               "kv_cache_gib": 1.5})
     kw = engine_args(str(teacher_dir), s, VllmOptions.from_dict(s.vllm), eager=False)
@@ -256,9 +233,6 @@ def test_engine_arguments_follow_the_build_settings(teacher_dir):
 
 
 def test_vllm_flags_with_the_hf_backend_are_refused():
-    from formats.settings import given
-    from kdcache.cli import build_parser
-
     parser = build_parser()
     base = ["build", "--teacher", "t", "--corpus", "c", "--out", "o"]
     args = parser.parse_args(base + ["--backend", "vllm", "--vllm-tensor-parallel-size", "4", "--no-vllm-enforce-eager",

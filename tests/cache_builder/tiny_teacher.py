@@ -15,6 +15,7 @@ PAD_ROWS = 64
 
 
 def make_tiny_teacher(folder: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2) -> Path:
+    # Deferred: tests/conftest.py imports this module for every test, most of which never need torch.
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
