@@ -133,15 +133,18 @@ def test_a_killed_worker_process_fails_the_epoch_with_its_exit_code_instead_of_h
     assert "\n" not in str(e.value), "the error should be one line, not torchdata's wrapped traceback"
 
 
-def slow_identity(x: int) -> int:
-    time.sleep(30)
+RELEASE = threading.Event()  # lets the mapper's blocked worker thread finish once the test is done
+
+
+def blocked_identity(x: int) -> int:
+    RELEASE.wait(timeout=30)
     return x
 
 
 def test_stopping_a_mapper_ends_a_next_that_waits_for_its_workers():
     """The one call into torchdata's private attributes (checked against 0.11.0): if a torchdata upgrade renames
     them, a dead worker's epoch would leave the watch's helper thread waiting forever; this fails instead."""
-    mapper = ParallelMapper(IterableWrapper(range(4)), map_fn=slow_identity, num_workers=1, in_order=True,
+    mapper = ParallelMapper(IterableWrapper(range(4)), map_fn=blocked_identity, num_workers=1, in_order=True,
                             method="thread")
     mapper.reset()
     ended = []
@@ -154,8 +157,12 @@ def test_stopping_a_mapper_ends_a_next_that_waits_for_its_workers():
 
     waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
-    time.sleep(0.3)
-    assert waiter.is_alive(), "next returned before its worker finished; the test proves nothing"
-    _stop_mapper_threads(mapper)
-    waiter.join(timeout=5)
-    assert not waiter.is_alive() and ended == ["stopped"]
+    try:
+        time.sleep(0.3)
+        assert waiter.is_alive(), "next returned before its worker finished; the test proves nothing"
+        _stop_mapper_threads(mapper)
+        waiter.join(timeout=5)
+        assert not waiter.is_alive(), "next still waits after the mapper was stopped"
+        assert ended == ["stopped"]
+    finally:
+        RELEASE.set()
