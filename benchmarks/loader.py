@@ -255,7 +255,7 @@ def loader_run(url: str, workers: int, batch_size: int, hidden: list[int]) -> di
 
 def breakdown(url: str, batch_size: int, hidden: list[int]) -> dict:
     """Seconds per million tokens for decode, collate and worker->trainer transfer, in a process of its own set
-    up as a loader worker (`_keep_freed_memory`), both ends of the transfer in it: pickling the window (its
+    up as a loader worker (`keep_freed_memory`), both ends of the transfer in it: pickling the window (its
     buffer's descriptor), unpickling it (mapping the buffer), the Batch views, every page touched, and the
     window let go of (which hands its buffer back to the pool)."""
     import multiprocessing
@@ -268,9 +268,10 @@ def _breakdown(url: str, batch_size: int, hidden: list[int]) -> dict:
     from multiprocessing.reduction import ForkingPickler
 
     from formats.reader import open_cache
-    from student_trainer.loader import PackedBatches, _keep_freed_memory
+    from student_trainer.collate import PackedBatches
+    from student_trainer.memory import keep_freed_memory
 
-    _keep_freed_memory()
+    keep_freed_memory()
     cache = open_cache(url)
     fields = cache.manifest.fields
     best = None
@@ -497,7 +498,7 @@ caches, one window at a time):
    million tokens of collation for the plain cache (278 faults per 1000 tokens), as much as decoding it. A
    process now keeps a small pool of window buffers (memfd shared memory, up to 8) and collates into a free
    one; the trainer side maps the buffer it is sent, and when the last tensor or storage of the window is
-   freed it clears the buffer's busy byte, so the worker reuses it (`PackedBatches`, `_take_slot`). Mapping
+   freed it clears the buffer's busy byte, so the worker reuses it (`PackedBatches`, `take_slot`). Mapping
    an existing buffer costs ~1.7 ms per 20 MiB in the trainer.
 2. What was left of a worker's time was a quarter kernel time (perf: page faults, page clearing, unmapping):
    the decoded arrays of each window (megabytes each) were handed back to the kernel by glibc's malloc when

@@ -171,7 +171,7 @@ def train_online(s: QualitySettings, cache: str, seed: int, out: Path) -> dict:
     from formats.reader import open_cache
     from student_trainer.loader import EpochReader, LoaderSettings
     from student_trainer.student import student_from_teacher
-    from student_trainer.train import _lr_factor
+    from student_trainer.schedule import lr_factor
     from student_trainer.settings import TrainSettings
 
     m = open_cache(cache).manifest
@@ -188,7 +188,7 @@ def train_online(s: QualitySettings, cache: str, seed: int, out: Path) -> dict:
     student.train()
     for step in range(s.steps):
         for g in optimizer.param_groups:
-            g["lr"] = s.lr * _lr_factor(step, ts)
+            g["lr"] = s.lr * lr_factor(step, ts.steps, ts.warmup_steps, ts.min_lr_ratio)
         try:
             batch = next(batches)
         except StopIteration:

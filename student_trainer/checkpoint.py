@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from formats.errors import KdError
 from formats.manifest import atomic_write_bytes, fsync_dir
@@ -45,8 +46,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer, extra: dict) -> Path:
-    from safetensors.torch import save_file, save_model
-
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -83,8 +82,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore parameters, optimizer and RNG; returns the rest of state.json (step, loader, settings...)."""
-    from safetensors.torch import load_file, load_model
-
     try:
         load_model(model, str(path / "model.safetensors"))
         state = json.loads((path / "state.json").read_text())

@@ -15,6 +15,13 @@ import math
 
 import torch
 
+from formats.tokenizer import tokenizer_info
+from student_trainer.cache_check import check_output_rows, open_checked_cache
+from student_trainer.errors import TrainError
+from student_trainer.kd_mix import KDConfig, kd_loss
+from student_trainer.loader import EpochReader, LoaderSettings
+from student_trainer.student import load_student, resolve_device
+
 ECE_BINS = 15
 
 
@@ -25,16 +32,9 @@ def evaluate(student_dir: str, cache_url: str, split: str = "heldout", batch_siz
     The cache is checked before the student is loaded: its structure always (`Cache.check_structure`), every
     checksum and value invariant with `verify`.
     """
-    from formats.tokenizer import tokenizer_info
-    from student_trainer.loader import EpochReader, LoaderSettings
-    from student_trainer.losses import KDConfig, kd_loss
-    from student_trainer.student import load_student
-    from student_trainer.train import check_output_rows, open_checked_cache
-    from student_trainer.errors import TrainError
-
     if batch_size <= 0:
         raise TrainError(f"--batch-size must be positive, got {batch_size}")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     m = open_checked_cache(cache_url, split, verify=verify).manifest
     model, tokenizer = load_student(student_dir)
     if tokenizer_info(tokenizer)["fingerprint"] != m.tokenizer["fingerprint"]:

@@ -1,4 +1,5 @@
-"""The student model: any HF causal-LM folder, or one derived from the teacher with fewer layers."""
+"""The student model: any HF causal-LM folder, or one derived from the teacher with fewer layers; and the device
+it runs on."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from formats.errors import KdError
 
 
 class StudentError(KdError):
     """The student cannot be built or does not fit the cache."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a setting names: "auto" is the GPU when there is one, else the CPU; anything else as torch
+    spells it (cpu, cuda, cuda:1)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
@@ -23,8 +34,6 @@ def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """transformers draws a 'Loading weights' bar on stderr; kdcache keeps stderr for its one-line errors."""
-    from transformers.utils import logging as hf_logging
-
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -36,9 +45,6 @@ def quiet_loading() -> Iterator[None]:
 
 def load_student(path: str, dtype: str = "float32"):
     """(model, tokenizer) of an HF causal-LM folder. No code from the folder runs: trust_remote_code stays off."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise StudentError(f"student {path!r}: no config.json; give a Hugging Face model folder")
@@ -59,9 +65,6 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
     `layers` decoder layers are copied from the teacher; with another hidden size nothing fits, so the
     student starts from random weights (seeded) and only the config is derived.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if not (Path(teacher_dir) / "config.json").exists():
         raise StudentError(f"--init-from-teacher {str(teacher_dir)!r}: no config.json; give the teacher's Hugging Face folder")
     try:

@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
+from formats.reader import open_cache
+from formats.tokenizer import tokenizer_info
+from student_trainer.batch import Batch
+from student_trainer.cache_check import check_output_rows, open_checked_cache
+from student_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from student_trainer.errors import TrainError
-from student_trainer.schedule import phase_at, value_at
+from student_trainer.head_loss import chunked_kd_loss
+from student_trainer.hidden_align import HiddenProjector, parse_layer_map
+from student_trainer.kd_mix import KDConfig
+from student_trainer.loader import EpochReader, LoaderSettings
+from student_trainer.reporting import Reporter
+from student_trainer.schedule import lr_factor, scheduled_values
 from student_trainer.settings import TrainSettings
+from student_trainer.student import load_student, resolve_device, student_from_teacher
 
 
 class DistillModel(nn.Module):
@@ -32,9 +44,8 @@ class DistillModel(nn.Module):
         self.vocab = vocab
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, batch, kd_config, kd_weight: float, hidden_weight: float) -> tuple[torch.Tensor, dict]:
-        from student_trainer.losses import chunked_kd_loss
-
+    def forward(self, batch: Batch, kd_config: KDConfig, kd_weight: float,
+                hidden_weight: float) -> tuple[torch.Tensor, dict]:
         decoder = self.student.get_decoder()
         need_hidden = self.projector is not None and hidden_weight > 0
         # attention_mask=None: padding sits at the end, so causal attention never lets a real token see
@@ -58,59 +69,13 @@ class DistillModel(nn.Module):
         return loss, parts
 
 
-def _lr_factor(step: int, s: TrainSettings) -> float:
-    if step < s.warmup_steps:
-        return (step + 1) / s.warmup_steps
-    frac = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-
-def _weights(s: TrainSettings, step: int) -> dict[str, float]:
-    name, overrides, start = phase_at(s.phases, step)
-    out = {"phase": name}
-    for key in s.SCHEDULED:
-        spec = overrides.get(key, getattr(s, key))
-        # Schedules inside a phase count steps from the phase's start.
-        out[key] = value_at(spec, step - start if key in overrides else step)
-    return out
-
-
-def open_checked_cache(url: str, split: str, *, verify: bool, require_complete: bool = True, all_splits: bool = False):
-    """The cache at `url`, opened for training or eval: refused, naming the shard, when its structure does not match
-    the manifest (`split` only, or every split), when `verify` finds a bad checksum or value, or when `split` has
-    no shards."""
-    from formats.reader import open_cache
-
-    cache = open_cache(url, require_complete=require_complete)
-    cache.check_structure(None if all_splits else split)
-    if verify:
-        from formats.verify import verify_cache
-
-        problems = verify_cache(url)
-        if problems:
-            raise TrainError(f"{url}: verify found {len(problems)} problem(s), first: {problems[0]}")
-    if not cache.shards(split):
-        raise TrainError(f"{url}: no shards in split {split!r} (splits: {', '.join(cache.manifest.splits())})")
-    return cache
-
-
-def check_output_rows(model: nn.Module, vocab_size: int, who: str) -> None:
-    """The cache's ids index the student's logits: it needs at least `vocab_size` output rows."""
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < vocab_size:
-        raise TrainError(f"{who} has {rows} output rows, fewer than the cache's vocabulary ({vocab_size})")
-
-
 def build_student(s: TrainSettings):
-    from student_trainer.student import load_student, student_from_teacher
-
+    """(model, tokenizer, info): the student folder, or one derived from the teacher (the cache's, with 'cache')."""
     if s.student:
         model, tokenizer = load_student(s.student)
         return model, tokenizer, {"student": s.student}
     teacher = s.init_from_teacher
     if teacher == "cache":  # the teacher folder recorded in the cache's manifest
-        from formats.reader import open_cache
-
         teacher = open_cache(s.cache).manifest.teacher.get("path", "")
         if not Path(teacher, "config.json").exists():
             raise TrainError(f"init_from_teacher 'cache': the teacher folder the cache names ({teacher!r}) is not here")
@@ -123,17 +88,11 @@ def train(s: TrainSettings) -> dict:
 
     Under torchrun the process group is created here and destroyed at the end, unless the caller created it.
     """
-    from formats.tokenizer import tokenizer_info
-    from student_trainer.loader import EpochReader, LoaderSettings
-    from student_trainer.losses import HiddenProjector, KDConfig, parse_layer_map
-
     # ---- setup: distributed, device, cache
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
+    device = resolve_device(s.device)
     own_group = False
     if world > 1:
-        import torch.distributed as dist
-
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
@@ -198,8 +157,6 @@ def train(s: TrainSettings) -> dict:
     step, epoch, micro = 0, 0, 0
     tokens_seen = 0
     if s.resume:
-        from student_trainer.checkpoint import latest_checkpoint, load_checkpoint
-
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
             state = load_checkpoint(ckpt, model, optimizer)
@@ -211,26 +168,21 @@ def train(s: TrainSettings) -> dict:
         (out / "settings.json").write_text(json.dumps(settings_json, indent=1, default=str))
 
     # ---- loop
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-
-    from student_trainer.reporting import Reporter
-
     batches = reader.batches(epoch, micro)
     bar = tqdm(total=s.steps, initial=step, disable=not s.progress or rank != 0, desc="train", unit="step")
     reporter = Reporter(out, s.report_to, step, settings_json, s.run_name, s.wandb_project) if rank == 0 else None
     t0, last = time.perf_counter(), {}
     bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    schedules = {key: getattr(s, key) for key in s.SCHEDULED}
     ddp.train()
     while step < s.steps:
-        w = _weights(s, step)
+        w = scheduled_values(schedules, s.phases, step)
         kd_config = KDConfig(kind=s.kd_kind, alpha=w["alpha"], temperature=w["temperature"],
                              capture_temperature=float(m.build.get("temperature", 1.0)), beta=s.jsd_beta, skew=s.skew,
                              vocab_size=m.vocab_size)
         for g in optimizer.param_groups:
-            g["lr"] = s.lr * _lr_factor(step, s)
+            g["lr"] = s.lr * lr_factor(step, s.steps, s.warmup_steps, s.min_lr_ratio)
         total, parts_sum = 0.0, {}
         for i in range(s.grad_accum):
             try:
@@ -265,8 +217,6 @@ def train(s: TrainSettings) -> dict:
         bar.set_postfix(loss=f"{total:.4f}")
         bar.update(1)
         if rank == 0 and s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
-            from student_trainer.checkpoint import save_checkpoint
-
             save_checkpoint(out, step, model, optimizer,
                             {"loader": reader.state(epoch, micro).to_dict(), "tokens": tokens_seen, "settings": settings_json})
     bar.close()
@@ -285,8 +235,6 @@ def train(s: TrainSettings) -> dict:
         (final / "kdcache_student.json").write_text(json.dumps({"cache": s.cache, "student": student_info,
                                                                  "steps": step, "tokens": tokens_seen}, indent=1))
     if own_group:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     return {"steps": step, "tokens": tokens_seen, "last": last, "seconds": time.perf_counter() - t0, "out": str(out),
             "model": model}
