@@ -12,6 +12,7 @@ import yaml
 
 from formats.settings import check, check_value, coerce, setting
 from student_trainer.errors import TrainError
+from student_trainer.reporting import parse_report_to
 from student_trainer.schedule import SCHEDULE_KEYS, check_schedule
 
 # The KD losses by name (student_trainer/losses.py maps each to its function; a test keeps the two equal).
@@ -89,8 +90,6 @@ class TrainSettings:
         check(self, TrainError, flags=False)  # a schedule (dict) is checked below, value by value
         for name in self.SCHEDULED:
             _check_schedule_values(name, getattr(self, name), fields[name].metadata)
-        from student_trainer.reporting import parse_report_to
-
         parse_report_to(self.report_to)
         for i, phase in enumerate(self.phases):
             if not isinstance(phase, dict) or not isinstance(phase.get("steps"), int) or phase["steps"] <= 0:
