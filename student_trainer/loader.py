@@ -66,6 +66,7 @@ class Batch:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, d) float32
     doc_index: torch.Tensor | None = None  # (B,) int64; -1 for the filler row of an empty batch
     num_tokens: int = 0  # real (unpadded) tokens in the batch
+    byte_offsets: torch.Tensor | None = None  # (B, T, 2) int64 when the cache has them; -1 in padding (xtok_align.py)
 
     def map(self, fn) -> "Batch":
         out = {}
@@ -139,7 +140,8 @@ def rank_slice(items: list, rank: int, world: int) -> list:
     return items[start : start + base + (rank < extra)]
 
 
-def _layout(b: int, t: int, k: int, s_n: int, hidden: dict[int, int]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+def _layout(b: int, t: int, k: int, s_n: int, hidden: dict[int, int],
+            offsets: bool = False) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, shape, dtype) of every array of a collated batch of b rows padded to t (hidden: layer -> d)."""
     i64, f32 = np.dtype(np.int64), np.dtype(np.float32)
     out = [("input_ids", (b, t), i64), ("position_ids", (b, t), i64), ("labels", (b, t), i64),
@@ -148,6 +150,7 @@ def _layout(b: int, t: int, k: int, s_n: int, hidden: dict[int, int]) -> list[tu
     if s_n:
         out += [("sample_ids", (b, t, s_n), i64), ("sample_counts", (b, t, s_n), f32)]
     out += [(f"hidden/{layer}", (b, t, d), f32) for layer, d in hidden.items()]
+    out += [("byte_offsets", (b, t, 2), i64)] if offsets else []
     return out + [("doc_index", (b,), i64)]
 
 
@@ -157,7 +160,7 @@ def _shape_of(seqs: list[dict[str, np.ndarray]], hidden_layers: list[int], pad_t
     s_n = first["sample_ids"].shape[1] if "sample_ids" in first else 0
     hidden = {layer: first[f"hidden/{layer}"].shape[1] for layer in hidden_layers}
     k = first["topk_ids"].shape[1] if "topk_ids" in first else 0  # 0: a samples-only cache
-    return _layout(len(seqs), t, k, s_n, hidden)
+    return _layout(len(seqs), t, k, s_n, hidden, "byte_offsets" in first)
 
 
 def _half_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -208,6 +211,9 @@ def _fill(seqs: list[dict[str, np.ndarray]], out: dict[str, np.ndarray], hidden_
             _half_into(h[r, :n], s[f"hidden/{layer}"])
             h[r, n:] = 0
         out["doc_index"][r] = int(s["doc_index"])
+        if "byte_offsets" in out:
+            out["byte_offsets"][r, :n] = s["byte_offsets"]
+            out["byte_offsets"][r, n:] = -1
     np.not_equal(out["labels"], IGNORE, out=out["kd_mask"])
 
 
@@ -218,7 +224,7 @@ def _as_batch(arrays: dict[str, torch.Tensor], num_tokens: int) -> Batch:
         tail_logmass=arrays["tail_logmass"], target_logprob=arrays["target_logprob"],
         sample_ids=arrays.get("sample_ids"), sample_counts=arrays.get("sample_counts"),
         hidden={int(n[7:]): a for n, a in arrays.items() if n.startswith("hidden/")},
-        doc_index=arrays["doc_index"], num_tokens=num_tokens,
+        doc_index=arrays["doc_index"], num_tokens=num_tokens, byte_offsets=arrays.get("byte_offsets"),
     )
 
 
@@ -410,7 +416,8 @@ def _filler_batch(fields: dict[str, FieldSpec], hidden_layers: list[int]) -> Bat
                  sample_ids=torch.full((1, 1, s_n), -1, dtype=torch.int64) if s_n else None,
                  sample_counts=torch.zeros(1, 1, s_n) if s_n else None,
                  hidden={layer: torch.zeros(1, 1, fields[f"hidden/{layer}"].shape[0]) for layer in hidden_layers},
-                 doc_index=torch.full((1,), -1), num_tokens=0)
+                 doc_index=torch.full((1,), -1), num_tokens=0,
+                 byte_offsets=torch.full((1, 1, 2), -1) if "byte_offsets" in fields else None)
 
 
 @dataclass(frozen=True)

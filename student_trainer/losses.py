@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from student_trainer.xtok_losses import XTOK_LOSSES
+
 IGNORE_INDEX = -100
 # Reverse KL divides by p: a bucket the teacher gives no mass (tail_logmass = -inf, or an F16 log-prob that
 # underflowed) would make it infinite. Such buckets are floored at the smallest normal float32.
@@ -333,6 +335,7 @@ KD_LOSSES: dict[str, Callable[[Tensor, dict, KDConfig], Tensor]] = {
     "jsd": lambda z, f, c: _jsd_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"], c.beta),
     "skew_kl": lambda z, f, c: _skew_kl_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"], c.skew),
     "tvd": lambda z, f, c: _tvd_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"]),
+    **XTOK_LOSSES,  # uld, byte_align: a student with another tokenizer (its topk_ids are student ids, xtok_align.py)
 }
 _GHOST_FIELDS = ("topk_ids", "topk_logprobs", "tail_logmass")
 KD_FIELDS = {kind: _GHOST_FIELDS for kind in KD_LOSSES} | {
