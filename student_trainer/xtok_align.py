@@ -299,3 +299,42 @@ def _extend(row: _Row, s_ids: list[int], s_ends: np.ndarray, t_ends: np.ndarray,
     row.positions += range(m)
     row.labels += [*s_ids[1:], IGNORE][:m]
     row.teacher_pos += np.where(hit, first + cand[np.maximum(k, 0)] if len(cand) else -1, -1).tolist()
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def load_teacher_tokenizer(manifest: Manifest, url: str, folder: str = ""):
+    """The tokenizer that built the cache at `url`: from `folder`, else from the teacher folder the manifest names
+    (a cache moved to another machine needs `folder`). Its fingerprint must be the one the manifest records."""
+    from transformers import AutoTokenizer
+
+    path = folder or str(manifest.teacher.get("path") or "")
+    if not path or not Path(path).is_dir():
+        where = f"--teacher-tokenizer {path!r} is not a folder" if folder else \
+            f"the teacher folder the cache names ({path!r}) is not on this machine"
+        raise AlignError(f"{url}: a student with another tokenizer reads the cached token ids as bytes with the "
+                         f"teacher's tokenizer, and {where}: give --teacher-tokenizer DIR (a folder with its tokenizer.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise AlignError(f"teacher tokenizer {path!r}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    found, want = tokenizer_info(tokenizer)["fingerprint"], manifest.tokenizer["fingerprint"]
+    if found != want:
+        raise AlignError(f"teacher tokenizer {path!r} (fingerprint {found[:12]}) is not the one that built {url} "
+                         f"(fingerprint {want[:12]}); give the teacher's own with --teacher-tokenizer DIR")
+    return tokenizer
+
+
+def xtok_aligner(kind: str, manifest: Manifest, url: str, student_tokenizer, teacher_tokenizer: str = "") -> Aligner:
+    """The Aligner for a student of kd_kind `kind` (uld, byte_align; any other name: a map-less Aligner, as eval
+    uses) on the cache at `url`; one-line AlignError when the cache lacks what alignment needs."""
+    if "byte_offsets" not in manifest.fields:
+        raise AlignError(f"{url}: a student with another tokenizer (kd_kind {kind}) is paired with the teacher by "
+                         "the bytes of its tokens, and this cache has no byte offsets; rebuild it with --byte-offsets")
+    if "loss_mask" in manifest.fields:
+        raise AlignError(f"{url}: a cache with loss_mask (chat turns) cannot train a student with another tokenizer "
+                         "yet; build one from text documents with --byte-offsets")
+    teacher = load_teacher_tokenizer(manifest, url, teacher_tokenizer)
+    mapping = cached_vocab_map(teacher, student_tokenizer) if kind == "byte_align" else None
+    return Aligner(token_bytes(teacher), student_tokenizer, mapping)

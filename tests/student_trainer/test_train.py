@@ -19,7 +19,8 @@ from student_trainer.schedule import ScheduleError, value_at
 from student_trainer.student import student_from_teacher, uniform_layers
 from student_trainer.train import DistillModel, TrainError, TrainSettings, _lr_factor, _weights, load_settings, train
 
-METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece"}
+METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece", "bpb",
+               "aligned_fraction"}
 
 
 def metrics(out: Path) -> list[dict]:

@@ -190,3 +190,15 @@ def test_the_vocabulary_map_is_built_once_and_a_damaged_file_is_rebuilt(teacher,
 def test_utf8_runs_skip_only_the_bytes_that_cannot_be_text():
     data = "日本".encode()[1:] + b"ok" + "é".encode()[:1] + b"x" + "😀".encode()[:3]
     assert [data[a:b] for a, b in utf8_runs(data)] == ["本ok".encode(), b"x"]
+
+
+def test_a_tokenizer_aligned_with_itself_pairs_every_position_and_maps_every_id_to_itself(teacher):
+    table = token_bytes(teacher)
+    mapping = vocab_map(table, table)
+    docs = [teacher_tokens(teacher, "def f(x):\n    return  x  # é日😀"), teacher_tokens(teacher, "hello world hello")]
+    out, stats = Aligner(table, teacher, mapping).align(teacher_batch([docs]))
+    n = sum(len(d[0]) for d in docs)
+    assert out.input_ids[0].tolist() == np.concatenate([d[0] for d in docs]).tolist()
+    assert paired(out)[0] == [i if i not in (len(docs[0][0]) - 1, n - 1) else -1 for i in range(n)]
+    assert stats.aligned == stats.targets == n - 2
+    assert (mapping[mapping >= 0] == np.flatnonzero(mapping >= 0)).all() and (mapping >= 0).mean() > 0.999
