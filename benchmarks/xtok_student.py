@@ -23,13 +23,11 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
 
 
-def make_bpe_student(folder: Path, texts: list[str], vocab_size: int = 2048, layers: int = 2, hidden: int = 64,
-                     heads: int = 2, seed: int = 0) -> Path:
-    """`folder` holding the tokenizer and a randomly initialised (seeded) Llama of `layers` x `hidden`."""
+def make_bpe_student(folder: Path, tokenizer, layers: int = 2, hidden: int = 64, heads: int = 2, seed: int = 0) -> Path:
+    """`folder` holding `tokenizer` and a randomly initialised (seeded) Llama of `layers` x `hidden` over its vocabulary."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_bpe_tokenizer(texts, vocab_size)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,

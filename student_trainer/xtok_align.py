@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -179,6 +179,19 @@ class AlignStats:
 
 
 @dataclass
+class _Segment:
+    """One document's run of a cached row, as text (see the module docstring)."""
+
+    row: int  # batch row
+    first: int  # its first position in the cached row
+    text: bytes  # its tokens' bytes, tokens with an empty span left out
+    ends: np.ndarray  # (n,) int64: where each teacher token ends, in bytes into `text`
+    targets: np.ndarray  # (n,) bool: teacher positions whose next token is a target (the loader's kd_mask)
+    doc_start: bool  # the segment starts at byte 0 of its document (not a later window)
+    runs: list = field(default_factory=list)  # (start byte, student encoding, text) per valid UTF-8 run
+
+
+@dataclass
 class _Row:
     ids: list[int]  # student token ids of the row, segments one after the other
     positions: list[int]  # restart at 0 at each segment
@@ -204,7 +217,7 @@ class Aligner:
         self.tokenizer = student_tokenizer
         self.student_bytes = token_bytes(student_tokenizer)
         self.vocab_size = len(student_tokenizer)
-        self.mapping = None if mapping is None else torch.from_numpy(mapping)
+        self.mapping = mapping
         with_special = student_tokenizer("x", add_special_tokens=True)["input_ids"]
         plain = student_tokenizer("x", add_special_tokens=False)["input_ids"]
         cut = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
@@ -214,33 +227,36 @@ class Aligner:
         """The student's Batch for `batch` (on the CPU, as the loader gives it) and its counts."""
         if batch.byte_offsets is None:
             raise AlignError("cross-tokenizer training needs the cache's byte_offsets field in every batch")
+        segments = self._segments(batch)
+        pieces = [(seg, a, seg.text[a:e].decode("utf-8")) for seg in segments for a, e in utf8_runs(seg.text)]
+        texts = [text for _, _, text in pieces]  # tokenized in one call: the Rust tokenizer is fastest on batches
+        encodings = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True).encodings if texts else []
+        for (seg, start, text), enc in zip(pieces, encodings):
+            seg.runs.append((start, enc, text))
+        rows = [_Row([], [], [], []) for _ in range(batch.input_ids.shape[0])]
+        for seg in segments:
+            s_ids, s_ends = self._student_tokens(seg)
+            _extend(rows[seg.row], s_ids, s_ends, seg)
+        return self._collate(batch, rows)
+
+    def _segments(self, batch: Batch) -> list[_Segment]:
         ids, spans = batch.input_ids.numpy(), batch.byte_offsets.numpy()  # (B, T), (B, T, 2)
         positions, kd = batch.position_ids.numpy(), batch.kd_mask.numpy()
-        segments = []  # (row, first teacher position, segment text, teacher ends (n,), teacher targets (n,), doc start)
+        out = []
         for b in range(ids.shape[0]):
             n = int((spans[b, :, 0] >= 0).sum())  # padding has offsets -1
-            starts = [0, *np.flatnonzero(positions[b, 1:n] == 0) + 1] if n else []
+            starts = [0, *(np.flatnonzero(positions[b, 1:n] == 0) + 1)] if n else []
             for a, e in zip(starts, [*starts[1:], n]):
                 in_text = spans[b, a:e, 1] > spans[b, a:e, 0]  # (n,): an added BOS has an empty span
                 text = b"".join(self.teacher_bytes[i] for i in ids[b, a:e][in_text])
-                ends = np.cumsum(np.where(in_text, self.teacher_lengths[ids[b, a:e]], 0))  # (n,) bytes into text
-                segments.append((b, a, text, ends, kd[b, a:e], bool(spans[b, a, 0] == 0)))
-        pieces = [(s, r) for s, seg in enumerate(segments) for r in utf8_runs(seg[2])]
-        texts = [segments[s][2][a:e].decode("utf-8") for s, (a, e) in pieces]
-        encodings = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True).encodings if texts else []
-        by_segment: dict[int, list] = {}
-        for (s, run), enc, text in zip(pieces, encodings, texts):
-            by_segment.setdefault(s, []).append((run[0], enc, text))
-        rows = [_Row([], [], [], []) for _ in range(ids.shape[0])]
-        for s, (b, a, _, t_ends, t_ok, doc_start) in enumerate(segments):
-            s_ids, s_ends = self._student_tokens(by_segment.get(s, []), doc_start)
-            _extend(rows[b], s_ids, s_ends, t_ends, t_ok, a)
-        return self._collate(batch, rows)
+                ends = np.cumsum(np.where(in_text, self.teacher_lengths[ids[b, a:e]], 0))  # (n,)
+                out.append(_Segment(b, a, text, ends, kd[b, a:e], bool(spans[b, a, 0] == 0)))
+        return out
 
-    def _student_tokens(self, runs: list, doc_start: bool) -> tuple[list[int], np.ndarray]:
+    def _student_tokens(self, seg: _Segment) -> tuple[list[int], np.ndarray]:
         """Student ids of a segment and where each ends, in bytes into the segment's text."""
-        ids, ends = (list(self.prefix), [np.zeros(len(self.prefix), np.int64)]) if doc_start else ([], [])
-        for start, enc, text in runs:
+        ids, ends = (list(self.prefix), [np.zeros(len(self.prefix), np.int64)]) if seg.doc_start else ([], [])
+        for start, enc, text in seg.runs:
             run_ids = enc.ids
             lengths = np.fromiter((len(self.student_bytes[i]) for i in run_ids), dtype=np.int64, count=len(run_ids))
             raw = text.encode("utf-8")
@@ -254,51 +270,49 @@ class Aligner:
         return ids, (np.concatenate(ends) if ends else np.zeros(0, np.int64))
 
     def _collate(self, batch: Batch, rows: list[_Row]) -> tuple[Batch, AlignStats]:
+        # numpy, not torch: small single-threaded gathers; torch's thread pool only adds waits on a busy CPU
         b_n, t_n = len(rows), max(1, max(len(r.ids) for r in rows))
-        input_ids = torch.zeros(b_n, t_n, dtype=torch.int64)
-        position_ids = torch.arange(t_n).repeat(b_n, 1)  # padding: its own "document", as in the loader
-        labels = torch.full((b_n, t_n), IGNORE, dtype=torch.int64)
-        teacher_pos = torch.full((b_n, t_n), -1, dtype=torch.int64)
+        input_ids = np.zeros((b_n, t_n), np.int64)
+        position_ids = np.tile(np.arange(t_n), (b_n, 1))  # padding: its own "document", as in the loader
+        labels = np.full((b_n, t_n), IGNORE, np.int64)
+        teacher_pos = np.full((b_n, t_n), -1, np.int64)
         for b, r in enumerate(rows):
             n = len(r.ids)
-            input_ids[b, :n] = torch.tensor(r.ids, dtype=torch.int64)
-            position_ids[b, :n] = torch.tensor(r.positions, dtype=torch.int64)
-            labels[b, :n] = torch.tensor(r.labels, dtype=torch.int64)
-            teacher_pos[b, :n] = torch.tensor(r.teacher_pos, dtype=torch.int64)
+            input_ids[b, :n], position_ids[b, :n], labels[b, :n], teacher_pos[b, :n] = \
+                r.ids, r.positions, r.labels, r.teacher_pos
         paired = teacher_pos >= 0  # (B, T_s)
-        rows_idx, cols = torch.arange(b_n)[:, None], teacher_pos.clamp_min(0)
-        topk_logprobs = torch.where(paired[..., None], batch.topk_logprobs[rows_idx, cols], 0.0)  # (B, T_s, k)
-        tail = torch.where(paired, batch.tail_logmass[rows_idx, cols], -torch.inf)  # (B, T_s)
-        if self.mapping is None:
-            topk_ids = torch.full(topk_logprobs.shape, -1, dtype=torch.int64)
-        else:
-            topk_ids = torch.where(paired[..., None], self.mapping[batch.topk_ids[rows_idx, cols]], -1)
+        at = (np.arange(b_n)[:, None], np.maximum(teacher_pos, 0))  # the paired teacher position, or 0
+        topk_logprobs = np.where(paired[..., None], batch.topk_logprobs.numpy()[at], 0.0).astype(np.float32)
+        tail = np.where(paired, batch.tail_logmass.numpy()[at], -np.inf).astype(np.float32)  # (B, T_s)
+        topk_ids = np.full(topk_logprobs.shape, -1, np.int64)  # (B, T_s, k)
+        if self.mapping is not None:
+            topk_ids[paired] = self.mapping[batch.topk_ids.numpy()[at][paired]]
         student_tokens = sum(len(r.ids) for r in rows)
-        out = Batch(input_ids=input_ids, position_ids=position_ids, labels=labels, kd_mask=paired, topk_ids=topk_ids,
-                    topk_logprobs=topk_logprobs, tail_logmass=tail, target_logprob=torch.zeros(b_n, t_n),
-                    doc_index=batch.doc_index, num_tokens=student_tokens)
+        t = torch.from_numpy
+        out = Batch(input_ids=t(input_ids), position_ids=t(position_ids), labels=t(labels), kd_mask=t(paired),
+                    topk_ids=t(topk_ids), topk_logprobs=t(topk_logprobs), tail_logmass=t(tail),
+                    target_logprob=torch.zeros(b_n, t_n), doc_index=batch.doc_index, num_tokens=student_tokens)
         stats = AlignStats(targets=int((labels != IGNORE).sum()), aligned=int(paired.sum()),
                            student_tokens=student_tokens, teacher_tokens=batch.num_tokens)
         return out, stats
 
 
-def _extend(row: _Row, s_ids: list[int], s_ends: np.ndarray, t_ends: np.ndarray, t_ok: np.ndarray, first: int) -> None:
-    """Append one segment's student tokens to `row`, paired with the teacher positions that end where they do.
-
-    s_ends (m,), t_ends (n,): byte ends into the segment's text; t_ok (n,): teacher positions with a target;
-    first: the segment's first position in the cached row.
-    """
+def _extend(row: _Row, s_ids: list[int], s_ends: np.ndarray, seg: _Segment) -> None:
+    """Append one segment's student tokens (ids, byte ends (m,)) to `row`, each paired with the teacher position
+    whose token ends at the same byte, where both have a next token (the teacher's a target)."""
     m = len(s_ids)
-    has_next = np.arange(m) < m - 1
-    cand = np.flatnonzero(t_ok)  # teacher positions that may be paired; their ends never decrease
-    k = np.searchsorted(t_ends[cand], s_ends, side="right") - 1  # (m,): the last candidate ending at or before
-    hit = (k >= 0) & has_next
-    hit[hit] = t_ends[cand[k[hit]]] == s_ends[hit]
-    hit[:-1] &= s_ends[:-1] != s_ends[1:]  # several student tokens end at one byte: the last one is paired
+    can = np.flatnonzero(np.arange(m) < m - 1)  # student positions with a next token in the segment
+    can = can[np.append(s_ends[can[:-1]] != s_ends[can[1:]], True)]  # several end at one byte: the last
+    cand = np.flatnonzero(seg.targets)  # teacher positions that may be paired; their ends never decrease
+    k = np.searchsorted(seg.ends[cand], s_ends[can], side="right") - 1  # the last candidate ending at or before
+    hit = k >= 0
+    hit[hit] = seg.ends[cand[k[hit]]] == s_ends[can[hit]]
+    teacher_pos = np.full(m, -1, dtype=np.int64)
+    teacher_pos[can[hit]] = seg.first + cand[k[hit]]
     row.ids += s_ids
     row.positions += range(m)
     row.labels += [*s_ids[1:], IGNORE][:m]
-    row.teacher_pos += np.where(hit, first + cand[np.maximum(k, 0)] if len(cand) else -1, -1).tolist()
+    row.teacher_pos += teacher_pos.tolist()
 
 
 # ------------------------------------------------------------------------------------------- setup

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: `benchmarks` is not an installed package
 
-from benchmarks.xtok_student import make_bpe_student  # noqa: E402
+from benchmarks.xtok_student import make_bpe_student, train_bpe_tokenizer  # noqa: E402
 from conftest import build  # noqa: E402
 from formats.errors import KdError  # noqa: E402
 from formats.reader import open_cache  # noqa: E402
@@ -34,7 +34,7 @@ def xtok_cache(tmp_path_factory, tiny_teacher, corpus) -> str:
 @pytest.fixture(scope="module")
 def bpe_student(tmp_path_factory, corpus) -> Path:
     texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.glob("*.txt"))]
-    return make_bpe_student(tmp_path_factory.mktemp("students") / "bpe", texts, vocab_size=600, layers=2, hidden=64)
+    return make_bpe_student(tmp_path_factory.mktemp("students") / "bpe", train_bpe_tokenizer(texts, 600), layers=2, hidden=64)
 
 
 def settings(cache: str, out: Path, **kw) -> TrainSettings:
