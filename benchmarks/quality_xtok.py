@@ -175,12 +175,10 @@ def markdown(table: dict, s: XtokQualitySettings, command: str, build: dict, tea
     first = next(iter(table.values()))
     evaluated = f"the first {s.eval_batches} batches of 8 sequences" if s.eval_batches else "the whole held-out split"
     lines = [
-        f"Command (repository root): `{command}`",
-        "",
+        f"Command (repository root): `{command}`\n",
         f"Processor: {processor()} (2 cores, shared with other jobs while it ran: timings are indicative only). "
         f"Cache build {build['seconds']:.0f} s; training and evaluation summed over the rows {seconds / 60:.1f} min "
-        "(rows kept from an earlier invocation with the same settings count with their own time).",
-        "",
+        "(rows kept from an earlier invocation with the same settings count with their own time).\n",
         f"Teacher SmolLM2-135M-Instruct (`--teacher default`), cache of the demo corpus ({build['train_tokens']} train, "
         f"{build['heldout_tokens']} held-out teacher tokens), top-k {s.top_k}, `--byte-offsets`, {s.seq_len}-token "
         f"windows. Student: byte-level BPE of {s.vocab} entries trained with `tokenizers` on the corpus files, Llama "
@@ -189,8 +187,7 @@ def markdown(table: dict, s: XtokQualitySettings, command: str, build: dict, tea
         f"({s.warmup_steps} warmup steps, cosine), temperature {s.temperature}, alpha {s.alpha} for the uld and "
         f"byte_align rows (1 for CE only), seeds {', '.join(map(str, s.seeds))}. Held-out bits per byte over "
         f"{evaluated} ({first['positions']['mean']:.0f} student positions); the teacher itself: "
-        f"{teacher['bpb']:.3f} bits per byte. Values: mean [min, max] over seeds.",
-        "",
+        f"{teacher['bpb']:.3f} bits per byte. Values: mean [min, max] over seeds.\n",
         "| method | held-out bits per byte | per seed | CE per student token | paired positions (held-out) | train s/run |",
         "|---|---|---|---|---|---|",
     ]
@@ -215,9 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=getattr(d, name))
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="comma-separated")
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 runs faster on "
+                   "a CPU other jobs share, where a thread pool waits for its descheduled threads")
     p.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     a = vars(p.parse_args(argv))
-    write = a.pop("write_results")
+    write, threads = a.pop("write_results"), a.pop("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     s = XtokQualitySettings(**{**a, "seeds": tuple(int(x) for x in a["seeds"].split(",")),
                                "methods": tuple(a["methods"].split(","))})
     unknown = [m for m in s.methods if m not in METHODS]

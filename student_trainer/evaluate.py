@@ -9,7 +9,7 @@ Metrics, over positions with a next-token target (labels != -100):
 - ece: expected calibration error of the student's top-1 prediction against the real token, 15 equal-width bins;
 - bpb: bits per byte, sum of CE (nats) / (ln 2 * bytes of text the predicted tokens stand for), so students with
   different tokenizers compare on the same text (`student_trainer.xtok_align.byte_lengths`: a token's bytes are its
-  vocabulary entry's; tokens that stand for no text, such as an added BOS, count 0 bytes but their CE counts).
+  vocabulary entry's, an added or special token's its content's; formats/SPEC.md, "Cross-tokenizer students").
 A student whose tokenizer is not the teacher's is evaluated on its own tokens of the same text (needs a cache with
 byte offsets, and the teacher's tokenizer: `teacher_tokenizer`): ce, perplexity, ece and bpb are its own, over all
 its predicted tokens; the teacher metrics are None and aligned_fraction says how many of its positions were paired.

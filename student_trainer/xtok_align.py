@@ -8,8 +8,8 @@ cached sequence from one document (the whole sequence, or one packed document: p
 is the concatenation of its tokens' bytes, leaving out tokens with an empty byte span (a BOS the tokenizer added).
 The student tokenizes each segment's text on its own (its BOS etc. only where the segment starts its document, at
 byte 0), so windows (a first offset > 0) and packed documents need nothing special. Bytes that are not valid UTF-8
-where they stand (a window that starts or ends inside a character; a byte the teacher's vocabulary lacked) cannot
-be text to the student: the text is cut there and the pieces are tokenized one after the other.
+where they stand (a window that starts or ends inside a character; a character whose lead byte the teacher's
+tokenizer dropped) cannot be text to the student: the text is cut there and the pieces are tokenized in order.
 
 Alignment: teacher position i (predicting teacher token i+1) and student position j (predicting student token
 j+1) have seen the same text when tokens i and j end at the same byte of the segment; they are paired if, besides,
