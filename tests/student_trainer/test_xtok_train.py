@@ -23,6 +23,8 @@ from student_trainer.loader import EpochReader, LoaderSettings  # noqa: E402
 from student_trainer.train import TrainError, TrainSettings, train  # noqa: E402
 from student_trainer.xtok_align import AlignError  # noqa: E402
 
+pytestmark = pytest.mark.integration  # whole training runs, as test_train_end_to_end.py
+
 
 @pytest.fixture(scope="module")
 def xtok_cache(tmp_path_factory, tiny_teacher, corpus) -> str:
