@@ -123,7 +123,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     s = EvalSettings(**given(args, EvalSettings))
     s.validate()
-    result = evaluate(s.student, s.cache, s.split, s.batch_size, s.device, verify=s.verify)
+    result = evaluate(s.student, s.cache, s.split, s.batch_size, s.device, verify=s.verify,
+                      teacher_tokenizer=s.teacher_tokenizer)
     if not s.json:
         print(format_table({s.student: result}))
     print(json.dumps(result))

@@ -109,6 +109,9 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
         f"{p['lr']} ({p['warmup_steps']} warmup steps, cosine decay), seed 0. KD student: {p['kd_kind']} on the cached "
         f"top-{p['top_k']} plus tail mass, no CE term (alpha 0). CE-only student: alpha 1.", "",
         table, "", verdict, "",
+        f"Bits per byte (bpb: held-out CE in bits over the bytes of text the tokens stand for) compare students with "
+        f"different tokenizers on the same text: KD {kd['bpb']:.3f}, CE only {ce['bpb']:.3f} (`kd_kind: uld` or "
+        "`byte_align` distill a student with another tokenizer from a cache built with `--byte-offsets`).", "",
     ]
     if plot:
         report += [f"![training loss]({plot.name})", ""]
@@ -117,6 +120,7 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
     print(verdict)
     print(f"report: {out_dir / 'report.md'}")
     summary = {"heldout_ce": {"kd": kd["ce"], "ce_only": ce["ce"]}, "kd_beats_ce": kd["ce"] < ce["ce"],
+               "heldout_bpb": {"kd": kd["bpb"], "ce_only": ce["bpb"]},
                "seconds": round(total_s, 1)}
     print(json.dumps(summary))
     return summary

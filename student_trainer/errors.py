@@ -9,3 +9,7 @@ class TrainError(KdError):
 
 class LoaderError(KdError):
     """A resume state or setting that does not fit this cache, or a reader process that died."""
+
+
+class AlignError(KdError):
+    """A cache, teacher tokenizer or student tokenizer that cross-tokenizer training cannot use (xtok_align.py)."""

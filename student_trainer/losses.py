@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 
 from student_trainer.batch import IGNORE_INDEX
+from student_trainer.buckets import kl_terms, teacher_buckets
+from student_trainer.xtok_losses import XTOK_LOSSES
 
 # Reverse KL divides by p: a bucket the teacher gives no mass (tail_logmass = -inf, or an F16 log-prob that
 # underflowed) would make it infinite. Such buckets are floored at the smallest normal float32.
@@ -55,13 +57,6 @@ RKL_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3
 def upcast(x: Tensor) -> Tensor:
     """float32, or float64 when it already is (the reference tests run in float64)."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """a * (log a - log b) elementwise, 0 where a = 0 (0 log 0 = 0); no NaN in value or gradient there."""
-    zero = torch.isneginf(log_a)
-    log_a = log_a.masked_fill(zero, 0.0)
-    return torch.where(zero, 0.0, log_a.exp() * (log_a - log_b))
 
 
 def position_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -116,16 +111,6 @@ def _student_buckets(z: Tensor, topk_ids: Tensor) -> Tensor:
     return torch.cat([z.gather(-1, topk_ids), log_tail], dim=-1) - lse  # (..., k + 1)
 
 
-def _teacher_buckets(topk_logprobs: Tensor, tail_logmass: Tensor, dtype: torch.dtype) -> Tensor:
-    """log p on the k+1 buckets: (..., k) and (...) -> (..., k + 1), renormalised to sum to 1.
-
-    Stored F16/BF16 log-probs may miss 1 by up to 3e-2 (SPEC.md); renormalising keeps every divergence a
-    divergence between distributions (for F32 caches it changes nothing beyond rounding).
-    """
-    b = torch.cat([topk_logprobs.to(dtype), tail_logmass.to(dtype)[..., None]], dim=-1)
-    return b - torch.logsumexp(b, dim=-1, keepdim=True)
-
-
 def retemper(topk_logprobs: Tensor, tail_logmass: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
     """Teacher log-probs captured at temperature T_c, moved to temperature T: ratio = T_c / T.
 
@@ -134,7 +119,7 @@ def retemper(topk_logprobs: Tensor, tail_logmass: Tensor, ratio: float) -> tuple
     The tail is approximate: the true tempered tail is sum_{j not in K} p(j)^ratio, which is >= p_tail^ratio
     when ratio < 1 (T > T_c, so the tail is underestimated) and <= when ratio > 1. Shapes as given; float32.
     """
-    b = _teacher_buckets(topk_logprobs, tail_logmass, torch.promote_types(topk_logprobs.dtype, torch.float32))
+    b = teacher_buckets(topk_logprobs, tail_logmass, torch.promote_types(topk_logprobs.dtype, torch.float32))
     b = b * ratio  # (..., k + 1)
     b = b - torch.logsumexp(b, dim=-1, keepdim=True)  # (..., k + 1)
     return b[..., :-1], b[..., -1]
@@ -144,8 +129,8 @@ def retemper(topk_logprobs: Tensor, tail_logmass: Tensor, ratio: float) -> tuple
 
 
 def _fkl_ghost_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor) -> Tensor:
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
-    return _kl_terms(t, _student_buckets(z, topk_ids)).sum(-1)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    return kl_terms(t, _student_buckets(z, topk_ids)).sum(-1)
 
 
 def _fkl_renorm_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tensor:
@@ -153,19 +138,19 @@ def _fkl_renorm_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tens
     t = t - torch.logsumexp(t, dim=-1, keepdim=True)  # (..., k)
     s = z.gather(-1, topk_ids)
     s = s - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., k)
-    return _kl_terms(t, s).sum(-1)
+    return kl_terms(t, s).sum(-1)
 
 
 def _rskd_rows(z: Tensor, sample_ids: Tensor, sample_counts: Tensor) -> Tensor:
     c = sample_counts.to(z.dtype)  # (..., S)
     p_hat = c / c.sum(-1, keepdim=True).clamp_min(1.0)
     log_q = z.gather(-1, sample_ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # (..., S)
-    return _kl_terms(p_hat.log(), log_q).sum(-1)
+    return kl_terms(p_hat.log(), log_q).sum(-1)
 
 
 def _rkl_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor) -> Tensor:
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype).clamp_min(RKL_LOG_FLOOR)
-    return _kl_terms(_student_buckets(z, topk_ids), t).sum(-1)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype).clamp_min(RKL_LOG_FLOOR)
+    return kl_terms(_student_buckets(z, topk_ids), t).sum(-1)
 
 
 def _jsd_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, beta: float) -> Tensor:
@@ -173,23 +158,23 @@ def _jsd_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: 
         return _fkl_ghost_rows(z, topk_ids, topk_logprobs, tail_logmass)
     if beta == 1.0:
         return _rkl_rows(z, topk_ids, topk_logprobs, tail_logmass)
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
     s = _student_buckets(z, topk_ids)
     log_m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))  # (..., k + 1)
-    return beta * _kl_terms(t, log_m).sum(-1) + (1.0 - beta) * _kl_terms(s, log_m).sum(-1)
+    return beta * kl_terms(t, log_m).sum(-1) + (1.0 - beta) * kl_terms(s, log_m).sum(-1)
 
 
 def _skew_kl_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, skew: float) -> Tensor:
     if skew == 0.0:
         return _fkl_ghost_rows(z, topk_ids, topk_logprobs, tail_logmass)
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
     s = _student_buckets(z, topk_ids)
     log_m = torch.logaddexp(t + math.log(skew), s + math.log1p(-skew))  # (..., k + 1)
-    return _kl_terms(t, log_m).sum(-1)
+    return kl_terms(t, log_m).sum(-1)
 
 
 def _tvd_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor) -> Tensor:
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
     return 0.5 * (t.exp() - _student_buckets(z, topk_ids).exp()).abs().sum(-1)
 
 
@@ -329,6 +314,7 @@ KD_LOSSES: dict[str, Callable[[Tensor, dict, Any], Tensor]] = {
     "jsd": lambda z, f, c: _jsd_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"], c.beta),
     "skew_kl": lambda z, f, c: _skew_kl_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"], c.skew),
     "tvd": lambda z, f, c: _tvd_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"]),
+    **XTOK_LOSSES,  # uld, byte_align: a student with another tokenizer (its topk_ids are student ids, xtok_align.py)
 }
 _GHOST_FIELDS = ("topk_ids", "topk_logprobs", "tail_logmass")
 # kind -> the teacher fields its loss reads.

@@ -16,7 +16,10 @@ from student_trainer.reporting import parse_report_to
 from student_trainer.schedule import SCHEDULE_KEYS, check_schedule
 
 # The KD losses by name (student_trainer/losses.py maps each to its function; a test keeps the two equal).
-KD_KINDS = ("fkl_ghost", "fkl_renorm", "rskd", "rkl", "jsd", "skew_kl", "tvd")
+# uld and byte_align train a student with any tokenizer (xtok_losses.py); the others need the teacher's.
+KD_KINDS = ("fkl_ghost", "fkl_renorm", "rskd", "rkl", "jsd", "skew_kl", "tvd", "uld", "byte_align")
+_TEACHER_TOKENIZER = ("folder holding the teacher's tokenizer (default: the teacher folder the cache names; give it "
+                      "when the cache has moved)")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class TrainSettings:
     min_lr_ratio: float = setting(0.1, "the cosine decay ends at this fraction of --lr", min=0, max=1)
     grad_clip: float = setting(1.0, "max gradient norm (0: off)", min=0)
     kd_kind: str = setting("fkl_ghost", "KD loss", choices=KD_KINDS)
+    teacher_tokenizer: str = setting("", "uld, byte_align: " + _TEACHER_TOKENIZER)
     alpha: float | dict = setting(0.0, "weight of CE on the real token, KD gets 1 - alpha (a schedule in YAML)",
                                   min=0, max=1)
     temperature: float | dict = setting(1.0, "KD temperature (a schedule in YAML)", above=0)
@@ -160,6 +164,7 @@ class EvalSettings:
     split: str = setting("heldout", "cache split to evaluate on")
     batch_size: int = setting(8, "sequences per batch", above=0)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    teacher_tokenizer: str = setting("", "a student with another tokenizer: " + _TEACHER_TOKENIZER)
     json: bool = setting(False, "print the result as JSON only")
     verify: bool = setting(False, "recompute shard checksums before evaluating")
 

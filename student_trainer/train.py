@@ -32,6 +32,7 @@ from student_trainer.reporting import Reporter
 from student_trainer.schedule import lr_factor, scheduled_values
 from student_trainer.settings import TrainSettings
 from student_trainer.student import load_student, resolve_device, student_from_teacher
+from student_trainer.xtok_align import XTOK_KINDS, xtok_aligner
 
 
 class DistillModel(nn.Module):
@@ -108,15 +109,21 @@ def train(s: TrainSettings) -> dict:
         raise TrainError(f"{s.cache}: kd_kind {s.kd_kind} needs top-k log-probs, and this cache keeps only RS-KD "
                          "samples (top_k 0); use kd_kind rskd")
 
-    # ---- student: same tokenizer as the teacher that made the cache
+    # ---- student: same tokenizer as the teacher that made the cache, or any, paired by bytes (uld, byte_align)
     torch.manual_seed(s.seed)
     student, tokenizer, student_info = build_student(s)
+    aligner = xtok_aligner(s.kd_kind, m, s.cache, tokenizer, s.teacher_tokenizer) if s.kd_kind in XTOK_KINDS else None
+    vocab = len(tokenizer) if aligner else m.vocab_size
     tok = tokenizer_info(tokenizer)
-    if tok["fingerprint"] != m.tokenizer["fingerprint"]:
+    if aligner is None and tok["fingerprint"] != m.tokenizer["fingerprint"]:
         raise TrainError(f"student tokenizer ({tok['class']}, {tok['vocab_size']} tokens, fingerprint {tok['fingerprint'][:12]}) "
                          f"differs from the cache's ({m.tokenizer.get('vocab_size')} tokens, fingerprint "
-                         f"{m.tokenizer['fingerprint'][:12]}); distill into a student with the teacher's tokenizer")
-    check_output_rows(student, m.vocab_size, "student")
+                         f"{m.tokenizer['fingerprint'][:12]}); distill into a student with the teacher's tokenizer, or "
+                         f"use kd_kind uld or byte_align (a cache built with --byte-offsets)")
+    if aligner is not None and s.layer_map:
+        raise TrainError(f"layer_map: hidden-state alignment needs the teacher's positions; kd_kind {s.kd_kind} "
+                         "trains on the student's own tokens")
+    check_output_rows(student, vocab, "student")
     if s.grad_checkpointing:
         student.gradient_checkpointing_enable()
     if s.lora_rank:
@@ -135,7 +142,7 @@ def train(s: TrainSettings) -> dict:
             raise TrainError(f"layer_map: {e}") from None
         projector = HiddenProjector(lmap, student.config.hidden_size, int(m.teacher["hidden_size"]), s.hidden_metric)
         hidden_layers = sorted(set(lmap.values()))
-    model = DistillModel(student, projector, m.vocab_size, s.chunk_tokens).to(device)
+    model = DistillModel(student, projector, vocab, s.chunk_tokens).to(device)
     if s.compile:
         # In place (Module.compile), so parameter names and checkpoints stay the same; the decoder is what
         # DistillModel calls (the output head runs in the chunked loss, outside the compiled graph).
@@ -180,7 +187,7 @@ def train(s: TrainSettings) -> dict:
         w = scheduled_values(schedules, s.phases, step)
         kd_config = KDConfig(kind=s.kd_kind, alpha=w["alpha"], temperature=w["temperature"],
                              capture_temperature=float(m.build.get("temperature", 1.0)), beta=s.jsd_beta, skew=s.skew,
-                             vocab_size=m.vocab_size)
+                             vocab_size=vocab)
         for g in optimizer.param_groups:
             g["lr"] = s.lr * lr_factor(step, s.steps, s.warmup_steps, s.min_lr_ratio)
         total, parts_sum = 0.0, {}
@@ -192,6 +199,7 @@ def train(s: TrainSettings) -> dict:
                 batches = reader.batches(epoch, 0)
                 batch = next(batches)
             micro += 1
+            batch, counts = aligner.align(batch) if aligner else (batch, None)
             batch = batch.to(device)
             # DDP all-reduces gradients in backward; only the step's last micro-batch needs it.
             sync = nullcontext() if world == 1 or i == s.grad_accum - 1 else ddp.no_sync()
@@ -199,6 +207,8 @@ def train(s: TrainSettings) -> dict:
                 with autocast:
                     loss, parts = ddp(batch, kd_config, w["kd_weight"], w["hidden_weight"])
                 (loss / s.grad_accum).backward()
+            if counts is not None:  # share of the student's targets paired with a teacher position
+                parts["aligned_fraction"] = counts.aligned / max(1, counts.targets)
             total += float(loss.detach()) / s.grad_accum
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / s.grad_accum

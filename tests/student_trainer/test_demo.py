@@ -22,6 +22,10 @@ def test_quick_demo_builds_trains_evaluates_and_reports(tmp_path):
     verdict = "Distillation helped" if summary["kd_beats_ce"] else "Distillation did NOT help"
     assert verdict in report and verdict in proc.stdout
     assert "| KD from cache |" in report and "| CE only |" in report
+    # bits per byte: in the table and the summary, so students with other tokenizers compare with these
+    assert set(summary["heldout_bpb"]) == {"kd", "ce_only"} and all(0 < v < 10 for v in summary["heldout_bpb"].values())
+    assert "| | ce | bpb |" in report
+    assert f"KD {summary['heldout_bpb']['kd']:.3f}, CE only {summary['heldout_bpb']['ce_only']:.3f}" in report
     assert "Both students: 16 steps" in report and "warmup steps" in report  # the shared settings are stated
     assert "$ kdcache build --teacher default" in proc.stdout and "$ kdcache train --cache" in proc.stdout
     assert (tmp_path / "demo" / "kd" / "final" / "config.json").exists()  # the builder and trainer ran in-process
