@@ -22,11 +22,11 @@ import math
 import torch
 
 from formats.tokenizer import tokenizer_info
+from student_trainer.batch import IGNORE_INDEX
 from student_trainer.cache_check import check_output_rows, open_checked_cache
 from student_trainer.errors import TrainError
 from student_trainer.kd_mix import KDConfig, kd_loss
 from student_trainer.loader import EpochReader, LoaderSettings
-from student_trainer.batch import IGNORE_INDEX
 from student_trainer.student import load_student, resolve_device
 from student_trainer.xtok_align import byte_lengths, xtok_aligner
 
