@@ -117,6 +117,8 @@ class ZarrShard:
             arr = self.group[name]
         except KeyError:
             raise CacheError(f"{self.where}: array {name!r} is missing") from None
+        except (ValueError, TypeError, json.JSONDecodeError) as e:  # metadata zarr itself finds inconsistent
+            raise CacheError(f"{self.where}: array {name!r} is unreadable ({type(e).__name__}: {e})") from None
         if shape[0] is None:  # a shard array: any length up to the largest vocabulary
             if len(arr.shape) != 1 or arr.shape[0] > MAX_VOCAB:
                 raise CacheError(f"{self.where}: array {name!r} has shape {tuple(arr.shape)}, expected 1-D of at most {MAX_VOCAB}")

@@ -155,7 +155,7 @@ def quantize(rest: np.ndarray, top1: np.ndarray, enc: CompactTopk) -> np.ndarray
         raise CacheError(f"topk_logprobs row {row}: the top-1 log-prob {float(top1[row])} is not above the codebook's "
                          f"lowest value {float(cb[0])}")
     lo = np.minimum(np.maximum(np.searchsorted(vals, p, side="right") - 1, 0), cmax[:, None])  # (T, m)
-    hi = np.minimum(lo + 1, cmax[:, None])
+    hi = np.where(p < vals[0], lo, np.minimum(lo + 1, cmax[:, None]))  # below the floor: code 0 is both neighbours
     step = vals[hi] - vals[lo]  # (T, m) mass added by moving up; 0 where there is no code above
     with np.errstate(divide="ignore", invalid="ignore"):
         gain = np.where(step > 0, p * (log_vals[hi] - log_vals[lo]) / step, -np.inf)
