@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from formats.errors import CacheError
-from formats.layout import is_byte_plane, shard_table, stored_fields, to_logical, to_stored
+from formats.layout import TABLE, is_byte_plane, shard_table, stored_fields, to_logical, to_stored
 from formats.schema import FORMAT_NAME, FORMAT_VERSION, FieldSpec, SeqBlock, zstd_level
 
 ROW_GROUP_TOKENS = 16384
@@ -122,7 +122,10 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
         codec = {"compression": "zstd", "compression_level": {leaf[n]: zstd_level(n) for n in fields}}
     # Byte-stream split puts the three zero bytes of each INT32-stored count in streams of their own, which zstd
     # then all but drops (benchmarks/storage.py: 6.9 -> 4.4 B/token for 50 U8 count slots).
-    encoding = {leaf[n]: "BYTE_STREAM_SPLIT" for n in fields if n == "sample_counts"}
+    # Float32 per-token values (tail, target, a compact top-1) and a compact top-k's rank table gain the same way,
+    # less: 0.1-0.3 B/token each, 1.8 -> 1.3 B/token for the table of a 9k-token shard (benchmarks/RESULTS.md).
+    encoding = {leaf[n]: "BYTE_STREAM_SPLIT" for n, s in fields.items()
+                if n in ("sample_counts", TABLE) or (s.dtype == "F32" and s.per == "token" and not s.shape)}
     with pq.ParquetWriter(path, schema, use_dictionary=False, write_statistics=False, column_encoding=encoding or None,
                           **codec) as writer:
         for start, stop in _row_groups(stored.offsets):
