@@ -6,8 +6,10 @@ Caches (written here, in a temporary folder, through `formats.writer.CacheWriter
 a SmolLM2 teacher's: vocabulary 49152, sequences of 256-1024 tokens, top-k 64 ids (distinct, spread over the
 vocabulary) with BF16 log-probs that sum with the tail to 1, F32 tail and target; the "full" variant adds
 RS-KD samples (50 draws in 50 slots, ~12 distinct ids per position, U8 counts) and one BF16 hidden layer
-(576 wide). Random values compress about as badly as real ones, so the decode work is realistic. Each
-variant is written once as Parquet and once as Zarr.
+(576 wide); the "compact" variant stores the plain variant's top-k (as F32) with the compact encoding, 6-bit
+codes (format 1.2, SPEC.md "Compact top-k"; its ids, spread over the whole vocabulary, compress worse than a
+real teacher's, but decode the same way). Random values compress about as badly as real ones, so the decode
+work is realistic. Each variant is written once as Parquet and once as Zarr.
 
 Measured, per backend and variant, in one run:
 - ceiling: every shard file read from the page cache (read once before, to warm it) and every compressed
@@ -51,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from results import update_results  # noqa: E402
+from results import processor, update_results  # noqa: E402
 
 VOCAB = 49152
 K = 64
@@ -97,13 +99,15 @@ def synthetic_sequence(rng: np.random.Generator, n: int, full: bool, doc: int) -
     return seq
 
 
-def write_cache(root: Path, backend: str, full: bool, tokens: int, seed: int = 0) -> str:
+def write_cache(root: Path, backend: str, variant: str, tokens: int, seed: int = 0) -> str:
     from formats.manifest import Manifest
-    from formats.schema import make_fields
+    from formats.schema import bf16_to_f32, make_fields
     from formats.writer import CacheWriter
 
-    fields = make_fields(K, "BF16", sample_slots=DRAWS if full else 0,
-                         hidden={LAYER: (HIDDEN, "BF16")} if full else None)
+    full, compact = variant == "full", variant == "compact"
+    fields = make_fields(K, "F32" if compact else "BF16", sample_slots=DRAWS if full else 0,
+                         hidden={LAYER: (HIDDEN, "BF16")} if full else None,
+                         topk_encoding="compact" if compact else "plain", vocab_size=VOCAB)
     manifest = Manifest(
         backend=backend, fields=fields, teacher={"name": "synthetic", "backend": "benchmark", "dtype": "F32"},
         tokenizer={"fingerprint": "0" * 64, "vocab_size": VOCAB, "special_ids": {"bos": None, "eos": None, "pad": None}},
@@ -114,7 +118,10 @@ def write_cache(root: Path, backend: str, full: bool, tokens: int, seed: int = 0
     with CacheWriter(root, manifest, shard_tokens=65536) as w:
         while done < tokens:
             n = int(rng.integers(256, 1025))
-            w.add("train", synthetic_sequence(rng, n, full, doc))
+            seq = synthetic_sequence(rng, n, full, doc)
+            if compact:
+                seq["topk_logprobs"] = bf16_to_f32(seq["topk_logprobs"])
+            w.add("train", seq)
             done, doc = done + n, doc + 1
         w.finish()
     return str(root)
@@ -148,8 +155,8 @@ def zarr_chunks(shard_dir: str) -> list[tuple[str, list[tuple[int, int, int]]]]:
     out = []
     group = zarr.open_group(zarr.storage.LocalStore(shard_dir, read_only=True), mode="r")
     arrays = [(name, arr) for name, arr in group.arrays()]
-    if "hidden" in group:
-        arrays += [(f"hidden/{name}", arr) for name, arr in group["hidden"].arrays()]
+    for sub, subgroup in group.groups():  # hidden/<L>, and the parts of a compact top-k
+        arrays += [(f"{sub}/{name}", arr) for name, arr in subgroup.arrays()]
     for name, arr in arrays:
         if arr.size == 0:
             continue
@@ -348,10 +355,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-loader-bench-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # caches of hundreds of MB
     rows = []
-    for variant in ("plain", "full"):
+    for variant in ("plain", "full", "compact"):
         for backend in ("parquet", "zarr"):
             t0 = time.perf_counter()
-            url = write_cache(tmp / f"{variant}-{backend}", backend, variant == "full", args.tokens)
+            url = write_cache(tmp / f"{variant}-{backend}", backend, variant, args.tokens)
             print(f"[{variant}/{backend}] cache written in {time.perf_counter() - t0:.1f} s", flush=True)
             rows.append({"variant": variant, "backend": backend, "url": url, "hidden": [LAYER] if variant == "full" else [],
                          "ceilings": [], "runs": {w: [] for w in args.workers}})
@@ -427,11 +434,11 @@ def write_results(args, rows: list[dict], demo: dict, figures: dict, torch_versi
     cmd = ".venv/bin/python benchmarks/loader.py " + " ".join(sys.argv[1:])
     ws = args.workers
     out = io.StringIO()
-    out.write(f"Command: `{cmd.strip()}`  \nMachine: 2-core AMD EPYC CPU (shared with other work while measured), "
+    out.write(f"Command: `{cmd.strip()}`  \nMachine: {processor()} (shared with other work while measured), "
               f"{platform.machine()}, no GPU, torch {torch_version}\n\n")
     out.write(f"Caches: synthetic (see the script's docstring), {figures['tokens']} tokens each, sequences of "
               f"256-1024 tokens, top-k {K} BF16; *full* adds RS-KD {DRAWS} draws/{DRAWS} slots and hidden layer "
-              f"{LAYER} ({HIDDEN} BF16). Batches of {args.batch_size} sequences, shuffle window {SHUFFLE_BLOCKS} block(s). Loader "
+              f"{LAYER} ({HIDDEN} BF16); *compact* stores the plain top-k compactly (format 1.2, 6-bit codes). Batches of {args.batch_size} sequences, shuffle window {SHUFFLE_BLOCKS} block(s). Loader "
               "figures are real tokens per second delivered as collated batches in the steady state (the windows read "
               "ahead at start-up and drained at the end left out), each batch's tensors touched by the consumer (one value per 4 KiB page, so "
               f"mapping a worker's buffer into the trainer counts). {args.repeats} rounds, each measuring every cache's "
@@ -460,6 +467,8 @@ def write_results(args, rows: list[dict], demo: dict, figures: dict, torch_versi
               " | best / ceiling | decode s/Mtok | collate s/Mtok | transfer s/Mtok |\n|---|---|" + "---|" * len(ws) + "---|---|---|---|\n")
     for r in rows:
         key, b = f"{r['variant']}/{r['backend']}", r["breakdown"]
+        if key not in BEFORE:
+            continue  # the compact variant came after this comparison
         old = BEFORE[key]
         out.write(f"| {key} | {old['ceiling']:,} -> {r['ceiling']['tok_s']:,.0f} | " +
                   " | ".join(f"{old[f'{w}w']:,} -> {r['median'][w]:,.0f}" if f"{w}w" in old else f"{r['median'][w]:,.0f}" for w in ws) +
