@@ -123,7 +123,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
     # Byte-stream split puts the three zero bytes of each INT32-stored count in streams of their own, which zstd
     # then all but drops (benchmarks/storage.py: 6.9 -> 4.4 B/token for 50 U8 count slots).
     # Float32 per-token values (tail, target, a compact top-1) and a compact top-k's rank table gain the same way,
-    # less (benchmarks/RESULTS.md, "Storage size and fidelity": 0.1-0.3 B/token per float column, a third of the table).
+    # less (benchmarks/RESULTS.md, "Storage size and fidelity": 0.1-0.3 B/token per float column, a quarter of the table).
     encoding = {leaf[n]: "BYTE_STREAM_SPLIT" for n, s in fields.items()
                 if n in ("sample_counts", TABLE) or (s.dtype == "F32" and s.per == "token" and not s.shape)}
     with pq.ParquetWriter(path, schema, use_dictionary=False, write_statistics=False, column_encoding=encoding or None,

@@ -36,6 +36,7 @@ BETA = 2.0**-11
 # Passes of the mass-keeping rounding in `quantize`; later passes find little (benchmarks/storage.py).
 _PASSES = 4
 _DECODE_ROWS = 512
+_ENCODE_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,13 @@ class TopkParts:
 
 
 def rank_table(ids: np.ndarray) -> np.ndarray:
-    """(n,) int32: the distinct ids of `ids` in rank order: by floor(log2(rows holding them)) descending, then id
-    ascending. Buckets instead of exact counts: the table then runs in ascending stretches, whose differences
+    """(n,) int32: the distinct ids of `ids` (T, m) in rank order: by floor(log2(rows holding them)) descending, then
+    id ascending. Buckets instead of exact counts: the table then runs in ascending stretches, whose differences
     take a third of the bytes of an exact frequency order, and the ranks cost no more (benchmarks/RESULTS.md)."""
-    counts = np.bincount(ids.reshape(-1)) if ids.size else np.zeros(0, np.int64)
+    top = int(ids.max()) + 1 if ids.size else 0
+    counts = np.zeros(top, dtype=np.int64)
+    for a in range(0, len(ids), _ENCODE_ROWS):  # bincount widens to int64: a batch at a time bounds that copy
+        counts += np.bincount(ids[a : a + _ENCODE_ROWS].reshape(-1), minlength=top)
     present = np.flatnonzero(counts)
     bucket = np.frexp(counts[present].astype(np.float64))[1]  # floor(log2(count)) + 1, exact for integers
     return present[np.lexsort((present, -bucket))].astype(np.int32)
@@ -176,31 +180,37 @@ def quantize(rest: np.ndarray, top1: np.ndarray, enc: CompactTopk) -> np.ndarray
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, enc: CompactTopk) -> TopkParts:
-    """ids (T, k) int32 most probable first and their log-probs (T, k) float32 -> the stored parts."""
+    """ids (T, k) int32 most probable first and their log-probs (T, k) float32 -> the stored parts.
+
+    Rows are encoded _ENCODE_ROWS at a time: a shard's float64 temporaries would otherwise take gigabytes."""
     t, k = ids.shape
     if k < 2:
         raise CacheError("compact top-k needs k >= 2 (the top-1 is stored apart)")
     lp = np.asarray(logprobs, dtype=np.float32)
-    if np.isnan(lp).any():
-        raise CacheError(f"topk_logprobs row {int(np.flatnonzero(np.isnan(lp).any(axis=1))[0])}: NaN cannot be quantized")
-    rest = np.asarray(ids[:, 1:], dtype=np.int64)  # (T, m)
+    nan = np.isnan(lp).any(axis=1)
+    if nan.any():
+        raise CacheError(f"topk_logprobs row {int(np.flatnonzero(nan)[0])}: NaN cannot be quantized")
+    rest = ids[:, 1:]  # (T, m)
     if rest.size and (rest.min() < 0 or rest.max() >= 256**enc.rank_bytes):
         raise CacheError(f"topk_ids: ids must be in [0, {256**enc.rank_bytes}) to be stored in {enc.rank_bytes} rank bytes")
     table = rank_table(rest)
     rank_of = np.zeros(int(table.max()) + 1 if len(table) else 0, dtype=np.int64)
     rank_of[table] = np.arange(len(table))
-    ranks = rank_of[rest]  # (T, m)
-    codes = quantize(lp[:, 1:], lp[:, 0], enc)
-    order = np.argsort(ranks, axis=1, kind="stable")
-    ranks = np.take_along_axis(ranks, order, axis=1)
-    codes = np.take_along_axis(codes, order, axis=1)
-    diff = np.diff(ranks, axis=1, prepend=0)  # (T, m), >= 0
-    planes = [np.ascontiguousarray((diff >> (8 * b)) & 0xFF, dtype=np.uint8) for b in range(enc.rank_bytes)]
+    planes = [np.empty((t, k - 1), dtype=np.uint8) for _ in range(enc.rank_bytes)]
+    codes = np.empty((t, k - 1), dtype=np.uint8)
+    for a in range(0, t, _ENCODE_ROWS):
+        b = min(a + _ENCODE_ROWS, t)
+        ranks = rank_of[rest[a:b]]  # (n, m)
+        order = np.argsort(ranks, axis=1, kind="stable")
+        codes[a:b] = np.take_along_axis(quantize(lp[a:b, 1:], lp[a:b, 0], enc), order, axis=1)
+        diff = np.diff(np.take_along_axis(ranks, order, axis=1), axis=1, prepend=0)  # (n, m), >= 0
+        for byte, plane in enumerate(planes):
+            plane[a:b] = (diff >> (8 * byte)) & 0xFF
     return TopkParts(
         top1_id=np.ascontiguousarray(ids[:, 0], dtype=np.int32),
         top1_logprob=np.ascontiguousarray(lp[:, 0]),
         rank_planes=planes,
-        codes=np.ascontiguousarray(codes),
+        codes=codes,
         table_diff=np.diff(table.astype(np.int64), prepend=0).astype(np.int32),
     )
 
