@@ -2,8 +2,8 @@
 
 For each position the teacher's logits go through the builder's own `capture_rows` (F32 and BF16 log-probs,
 k = 50 and 128) and are kept as records; alongside, what the KL needs of the full distribution p (float64 from
-the float32 log-softmax): sum_i p_i log p_i over the whole vocabulary, the top-128 log-probs, and for each k the
-mass outside the top k. Each mode's records are then written with the real writer (`CacheWriter`, Parquet, one
+the float32 log-softmax): sum_i p_i log p_i over the whole vocabulary, and for each k the probabilities of the
+ids the capture chose and the mass outside them. Each mode's records are then written with the real writer (`CacheWriter`, Parquet, one
 shard: the format's required fields plus the top-k, no samples, no hidden states), read back through
 `open_cache`, and scored:
 
@@ -36,7 +36,6 @@ from formats.schema import SeqBlock, make_fields, to_float32
 from formats.writer import CacheWriter
 
 KS = (50, 128)
-TRUTH_K = max(KS)
 COMPARISON_FILES = ("argparse", "difflib", "statistics", "string", "shlex", "csv", "calendar", "glob")
 COMPARISON_CHARS = 4000
 
@@ -56,10 +55,10 @@ class FrontierData:
 
     vocab: int
     records: dict[tuple[int, str], list[dict]] = field(default_factory=dict)  # (k, capture dtype) -> sequences
-    truth_ids: list[np.ndarray] = field(default_factory=list)  # (n, 128) int64 top ids
-    truth_lp: list[np.ndarray] = field(default_factory=list)  # (n, 128) float64 their log-probs
+    truth_ids: dict[int, list[np.ndarray]] = field(default_factory=dict)  # k -> (n, k) the ids the capture chose
+    truth_p: dict[int, list[np.ndarray]] = field(default_factory=dict)  # k -> (n, k) their p, float64
     neg_entropy: list[np.ndarray] = field(default_factory=list)  # (n,) sum_i p_i log p_i, float64
-    outside: dict[int, list[np.ndarray]] = field(default_factory=dict)  # k -> (n,) mass outside the top k
+    outside: dict[int, list[np.ndarray]] = field(default_factory=dict)  # k -> (n,) p's mass outside those ids
 
     def add(self, logits: torch.Tensor, next_ids: torch.Tensor, input_ids: np.ndarray, doc_index: int) -> None:
         """logits (n, V) float32 of one sequence, next_ids (n,) with -1 at its last position."""
@@ -70,12 +69,12 @@ class FrontierData:
                 rec.update(input_ids=input_ids, doc_index=np.int64(doc_index))
                 self.records.setdefault((k, dtype), []).append(rec)
         logp = torch.log_softmax(logits[:, : self.vocab].float(), dim=-1).double()  # (n, V)
-        top_lp, top_ids = logp.topk(TRUTH_K, dim=-1)
-        self.truth_ids.append(top_ids.numpy())
-        self.truth_lp.append(top_lp.numpy())
         self.neg_entropy.append((logp.exp() * logp).sum(-1).numpy())
-        for k in KS:
-            rest = logp.scatter(1, top_ids[:, :k], float("-inf"))
+        for k in KS:  # the ids every mode stores (ties at the k-th place are the capture's to break)
+            ids = torch.from_numpy(self.records[(k, "F32")][-1]["topk_ids"].astype(np.int64))  # (n, k)
+            self.truth_ids.setdefault(k, []).append(ids.numpy())
+            self.truth_p.setdefault(k, []).append(logp.gather(1, ids).exp().numpy())
+            rest = logp.scatter(1, ids, float("-inf"))
             self.outside.setdefault(k, []).append(torch.logsumexp(rest, dim=-1).exp().numpy())
 
     @property
@@ -112,12 +111,11 @@ def score(url: str, data: FrontierData, k: int) -> dict:
     block = SeqBlock.concat(list(cache.iter_blocks()), m.fields)
     ids = block.token["topk_ids"].astype(np.int64)  # (N, k)
     q = np.exp(to_float32(block.token["topk_logprobs"], m.fields["topk_logprobs"].dtype).astype(np.float64))
-    truth_ids = np.concatenate(data.truth_ids)[:, :k]
-    truth_p = np.exp(np.concatenate(data.truth_lp)[:, :k])
-    # the stored ids are the teacher's top k in another order: align both by id
+    truth_ids, truth_p = np.concatenate(data.truth_ids[k]), np.concatenate(data.truth_p[k])
+    # the stored ids are the capture's in another order (compact sorts equal codes by id): align both by id
     o_s, o_t = np.argsort(ids, axis=1), np.argsort(truth_ids, axis=1)
     if not np.array_equal(np.take_along_axis(ids, o_s, 1), np.take_along_axis(truth_ids, o_t, 1)):
-        raise SystemExit(f"{url}: the stored ids are not the teacher's top {k}")
+        raise SystemExit(f"{url}: the stored ids are not the ids the capture chose")
     p_al, q_al = np.take_along_axis(truth_p, o_t, 1), np.take_along_axis(q, o_s, 1)
     rest = 1.0 - q.sum(axis=1)
     from_tail = rest <= 0
