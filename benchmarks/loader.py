@@ -475,6 +475,7 @@ def write_results(args, rows: list[dict], demo: dict, figures: dict, torch_versi
                   f" | {old['ratio']:.2f} -> {r['ratio']:.2f} | {old['decode']} -> {b['decode_s_per_mtok']:.2f} | "
                   f"{old['collate']} -> {b['collate_s_per_mtok']:.2f} | {old['transfer']} -> {b['transfer_s_per_mtok']:.2f} |\n")
     out.write(WHAT_CHANGED)
+    out.write(COMPACT_NOTES)
     out.write(f"\nDemo student consumption (measured here): {demo['tok_s']:.0f} tok/s = one training step of "
               f"{demo['batch']}x{demo['seq']} tokens in {demo['step_s']:.2f} s (4-layer student derived from the demo "
               f"teacher, fkl_ghost on top-{K}, AdamW, {demo['threads']} threads).\n\n")
@@ -538,6 +539,17 @@ token once widened to int64/float32); transfer (descriptor hand-off, mapping, to
 The plain caches decode at ~0.6-0.9 s/Mtok against a ceiling of ~0.5-0.8 (one core that only decompresses);
 the loader on top pads, widens and hands over, and 2 workers share the 2 cores with the consumer. The earlier round (one buffer per window instead of a tensor per field, direct Parquet page
 and Zarr shard-index readers, shard readers kept open) is in commits eab2248, 96a288b and c1beb48.
+"""
+
+COMPACT_NOTES = """
+The compact variant (format 1.2, issue 17) decodes more per token than the plain one: a cumulative sum over the
+rank differences, a gather from the shard's rank table, a sort of each row by code, a gather from the codebook
+(formats/topk_codec.py). Its ceiling is higher than the plain variant's for the same tokens: about 210 raw bytes
+per token to decompress instead of ~520 (Parquet stores BF16 and I32 in 4-byte values). Rows are decoded 512 at
+a time into buffers reused between batches, so a batch's dozen passes stay in the CPU cache: `decode_topk` on
+the comparison corpus's top-64 records (17500 rows), process CPU time, best of 25, in a process set up as a
+loader worker, 0.77 -> 0.57 us per token (a scratch script; gathers with int64 indices and a flat cumulative
+sum gained nothing measurable).
 """
 
 

@@ -33,10 +33,9 @@ SOURCE_DTYPES = ("F32", "F16", "BF16")
 FLOOR = 2.0**-32
 CODEBOOK_TOP = 0.5
 BETA = 2.0**-11
-# Passes of the mass-keeping rounding in `quantize`; later passes find little (benchmarks/storage.py).
-_PASSES = 4
-_DECODE_ROWS = 512
-_ENCODE_ROWS = 1024
+_PASSES = 4  # of the mass-keeping rounding in `quantize`: each tries the moves the previous one could not fit
+_DECODE_ROWS = 512  # rows decoded at a time (see decode_topk)
+_ENCODE_ROWS = 1024  # rows encoded at a time (see encode_topk)
 
 
 @dataclass(frozen=True)
