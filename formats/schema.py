@@ -121,7 +121,9 @@ def make_fields(
     if top_k:
         fields["topk_ids"] = FieldSpec("token", "I32", (top_k,))
         fields["topk_logprobs"] = FieldSpec("token", logprob_dtype, (top_k,))
-    if top_k and topk_encoding == "compact":
+    if topk_encoding == "compact":
+        if top_k < 2:
+            raise CacheError(f"compact top-k needs top_k >= 2 (the top-1 is stored apart), got {top_k}")
         if logprob_dtype != "F32":
             raise CacheError(f"compact top-k quantizes float32 log-probs: capture them as F32, not {logprob_dtype}")
         if vocab_size is None:

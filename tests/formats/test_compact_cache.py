@@ -54,6 +54,8 @@ def test_the_field_table_names_the_encoding_and_the_writer_needs_float32_and_the
         make_fields(8, topk_encoding="compact")
     with pytest.raises(CacheError, match="top-k encoding must be one of"):
         make_fields(8, topk_encoding="zip")
+    with pytest.raises(CacheError, match="top_k >= 2"):
+        make_fields(1, topk_encoding="compact", vocab_size=VOCAB)
 
 
 def test_a_compact_cache_keeps_top1_tail_and_every_other_field_of_the_plain_one_exactly(tmp_path, backend):
