@@ -137,7 +137,7 @@ def parquet_pages(path: str, data: bytes) -> list[tuple[int, int, int]]:
     (page headers parsed by the reader's own Thrift parser)."""
     import pyarrow.parquet as pq
 
-    from formats.shard_parquet import column_pages
+    from formats.parquet_pages import column_pages
 
     meta = pq.ParquetFile(path).metadata
     buf = memoryview(data)
