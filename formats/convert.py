@@ -47,6 +47,31 @@ def derive_block(block: SeqBlock, fields: dict[str, FieldSpec], top_k: int, drop
     return dataclasses.replace(block, token=token)
 
 
+def plain_from_compact(block: SeqBlock) -> SeqBlock:
+    """A compact top-k's decoded block as a plain cache stores it (SPEC.md, "Compact top-k", converting to plain).
+
+    The codes keep less mass than the source's entries (the bound: never more), and a plain cache's top-k and tail
+    sum to 1, so the mass they leave out joins the tail, summed in float64 as `derive_block` does with dropped
+    entries (never below the stored tail, which the bound already guarantees up to rounding):
+        tail' = log(max(exp(tail), 1 - sum_j exp(logprob_j)))
+    and where the next token is an entry after the top-1, `target_logprob` becomes that entry's stored value. The
+    plain cache then describes one distribution: the compact cache's values with the rest of the mass outside them.
+    """
+    token = dict(block.token)
+    lp = token["topk_logprobs"]  # (N, k) float32, codebook values after the top-1
+    rest = 1.0 - np.exp(lp.astype(np.float64)).sum(axis=1)  # (N,)
+    with np.errstate(divide="ignore"):
+        tail = np.log(np.maximum(np.exp(token["tail_logmass"].astype(np.float64)), rest))
+    token["tail_logmass"] = tail.astype(np.float32)
+    nxt = np.append(token["input_ids"][1:], -1)
+    nxt[block.offsets[1:] - 1] = -1  # the last position of a sequence has no next token
+    rows, cols = np.nonzero(token["topk_ids"][:, 1:] == nxt[:, None])
+    target = token["target_logprob"].copy()
+    target[rows] = lp[rows, cols + 1]
+    token["target_logprob"] = target
+    return dataclasses.replace(block, token=token)
+
+
 def target_encoding(fields: dict[str, FieldSpec], vocab_size: int, topk_encoding: str | None,
                     logprob_bits: int | None, where: str) -> CompactTopk | None:
     """The top-k encoding a conversion writes: the source's unless `topk_encoding` ("plain" | "compact") or
@@ -77,8 +102,9 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
     `drop_samples` the content changes by design: the shards are rewritten by `derive_block`, the field table and
     `build.top_k` / `build.sample_draws` follow, and `build.derived_from` records the source's k and draws.
     `topk_encoding` "compact" stores the top-k in `logprob_bits`-bit codes (quantized: the content changes, the
-    top-1 and tail do not); "plain" stores a compact top-k's decoded values as F32, which keeps the checksums.
-    `build.topk_encoding` (and `build.logprob_bits`) record a changed encoding.
+    top-1 and tail do not); "plain" stores a compact top-k's decoded values as F32 (`plain_from_compact`: the mass
+    the codes leave out joins the tail). `build.topk_encoding` (and `build.logprob_bits`) record a changed encoding;
+    `build.decoded_from` the codes a plain cache's values come from.
     """
     cache = open_cache(src, require_complete=True)
     m = cache.manifest
@@ -117,6 +143,8 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
         build.pop("logprob_bits", None)
         if encoding is not None:
             build["logprob_bits"] = encoding.logprob_bits
+        else:
+            build["decoded_from"] = {"topk_encoding": "compact", "logprob_bits": topk_encoding_of(m.fields).logprob_bits}
     target = Manifest(
         backend=backend,
         fields=fields,
@@ -139,10 +167,12 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
             block = cache.read_shard(entry)
             if derive:
                 block = derive_block(block, m.fields, k, drop_samples)
-            if recode:  # a compact top-k is written from (and read back as) float32 log-probs
+            if recode and encoding is None:
+                block = plain_from_compact(block)
+            elif recode:  # a compact top-k is written from (and read back as) float32 log-probs
                 block.token["topk_logprobs"] = to_float32(block.token["topk_logprobs"], m.fields["topk_logprobs"].dtype)
             new = writer.write_shard(entry.split, block)
-            if not derive and (encoding is None or not recode):  # the same logical arrays: the same checksum
+            if not derive and not recode:  # the same logical arrays: the same checksum
                 if new.content_sha256 != entry.content_sha256:
                     raise CacheError(f"{out}: shard {new.path!r} content checksum differs from {src} shard {entry.path!r}")
         return writer.finish()
