@@ -104,7 +104,8 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
     `topk_encoding` "compact" stores the top-k in `logprob_bits`-bit codes (quantized: the content changes, the
     top-1 and tail do not); "plain" stores a compact top-k's decoded values as F32 (`plain_from_compact`: the mass
     the codes leave out joins the tail). `build.topk_encoding` (and `build.logprob_bits`) record a changed encoding;
-    `build.decoded_from` the codes a plain cache's values come from.
+    `build.decoded_from` the codes the values come from when the source was compact (re-quantizing with other
+    `logprob_bits` starts from `plain_from_compact` too, so the new codes' bound holds against what they encode).
     """
     cache = open_cache(src, require_complete=True)
     m = cache.manifest
@@ -136,15 +137,16 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
             for name in SAMPLE_FIELDS:
                 fields.pop(name, None)
             build["sample_draws"] = 0
-    recode = k > 0 and encoding != topk_encoding_of(m.fields)
+    source_encoding = topk_encoding_of(m.fields)
+    recode = k > 0 and encoding != source_encoding
     if recode:
         fields = with_topk_encoding(fields, encoding)
         build["topk_encoding"] = "plain" if encoding is None else "compact"
         build.pop("logprob_bits", None)
         if encoding is not None:
             build["logprob_bits"] = encoding.logprob_bits
-        else:
-            build["decoded_from"] = {"topk_encoding": "compact", "logprob_bits": topk_encoding_of(m.fields).logprob_bits}
+        if source_encoding is not None:
+            build["decoded_from"] = {"topk_encoding": "compact", "logprob_bits": source_encoding.logprob_bits}
     target = Manifest(
         backend=backend,
         fields=fields,
@@ -167,7 +169,7 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
             block = cache.read_shard(entry)
             if derive:
                 block = derive_block(block, m.fields, k, drop_samples)
-            if recode and encoding is None:
+            if recode and source_encoding is not None:  # to plain, or other codes: from the distribution decoded
                 block = plain_from_compact(block)
             elif recode:  # a compact top-k is written from (and read back as) float32 log-probs
                 block.token["topk_logprobs"] = to_float32(block.token["topk_logprobs"], m.fields["topk_logprobs"].dtype)

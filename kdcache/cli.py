@@ -111,13 +111,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     m = convert_cache(s.cache, backend, s.out, overwrite=s.overwrite, top_k=s.top_k, drop_samples=s.drop_samples,
                       topk_encoding=s.topk_encoding, logprob_bits=s.logprob_bits)
     enc = topk_encoding_of(m.fields)
-    if "derived_from" in m.build:
+    if (m.top_k, m.sample_draws) != (source.top_k, source.sample_draws):
         print(f"{s.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k}, "
               f"{m.sample_draws} RS-KD draws (derived from {s.cache})")
     elif enc is not None and enc != topk_encoding_of(source.fields):
         print(f"{s.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k} stored compact "
-              f"({enc.logprob_bits}-bit log-prob codes; top-1 and tail exact, quantized from {s.cache})")
-    elif enc is None and "decoded_from" in m.build and topk_encoding_of(source.fields) is not None:
+              f"({enc.logprob_bits}-bit log-prob codes, quantized from {s.cache}; top-1 exact)")
+    elif enc is None and topk_encoding_of(source.fields) is not None:
         print(f"{s.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k} stored plain (the "
               f"decoded values of {s.cache}; the mass its codes leave out joined the tail)")
     else:

@@ -85,7 +85,7 @@ def test_convert_plain_to_compact_gives_the_compact_build_and_back_gives_plain_a
     out = tmp_path / "converted"
     assert main(["convert", str(built["plain"]), "--to", "zarr", "--topk-encoding", "compact", "--logprob-bits", "5",
                  "--out", str(out)]) == 0
-    assert "stored compact (5-bit log-prob codes" in capsys.readouterr().out
+    assert "stored compact (5-bit log-prob codes, quantized from" in capsys.readouterr().out
     assert main(["verify", str(out)]) == 0
     want = [s.content_sha256 for s in open_cache(built["compact"]).manifest.shards]
     assert [s.content_sha256 for s in open_cache(out).manifest.shards] == want
@@ -102,6 +102,16 @@ def test_convert_plain_to_compact_gives_the_compact_build_and_back_gives_plain_a
         assert np.array_equal(a.token["topk_ids"], b.token["topk_ids"])
         assert np.array_equal(a.token["topk_logprobs"], b.token["topk_logprobs"])
         assert (b.token["tail_logmass"] >= a.token["tail_logmass"]).all()
+
+
+@pytest.mark.parametrize("flags", [["--logprob-bits", "2"], ["--logprob-bits", "3", "--top-k", "4"]])
+def test_a_compact_cache_requantized_with_other_bits_verifies(built, tmp_path, capsys, flags):
+    out = tmp_path / "requantized"
+    assert main(["convert", str(built["compact"]), *flags, "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0, capsys.readouterr().out
+    m = open_cache(out).manifest
+    assert m.fields["topk_ids"].encoding.logprob_bits == int(flags[1])
+    assert m.build["decoded_from"] == {"topk_encoding": "compact", "logprob_bits": 5}
 
 
 def refused(argv: list[str], capsys) -> str:
