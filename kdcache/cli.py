@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from cache_builder.settings import BuildSettings, VllmOptions
 from formats.errors import KdError
+from formats.schema import TOPK_ENCODINGS
 from formats.settings import add_arguments, check, given, setting
+from formats.topk_codec import DEFAULT_LOGPROB_BITS, MAX_LOGPROB_BITS, MIN_LOGPROB_BITS
 from student_trainer.settings import EvalSettings, TrainSettings
 
 
@@ -36,6 +38,11 @@ class ConvertSettings:
     to: str | None = setting(None, "target backend (default: the source's)", choices=("zarr", "parquet"))
     top_k: int | None = setting(None, "keep the first K top-k entries; the rest join the tail mass", min=0)
     drop_samples: bool = setting(False, "leave out the RS-KD samples")
+    topk_encoding: str | None = setting(None, "store the top-k plain or compact (default: as the source stores it)",
+                                        choices=TOPK_ENCODINGS)
+    logprob_bits: int | None = setting(None, "bits per top-k log-prob code of a compact top-k (default: the "
+                                             f"source's, or {DEFAULT_LOGPROB_BITS})",
+                                       min=MIN_LOGPROB_BITS, max=MAX_LOGPROB_BITS)
     overwrite: bool = setting(False, "replace whatever is at --out")
 
 
@@ -95,14 +102,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from formats.convert import convert_cache
     from formats.reader import open_cache
+    from formats.schema import topk_encoding_of
 
     s = ConvertSettings(**given(args, ConvertSettings))
     check(s, KdError)
-    backend = s.to or open_cache(s.cache).manifest.backend
-    m = convert_cache(s.cache, backend, s.out, overwrite=s.overwrite, top_k=s.top_k, drop_samples=s.drop_samples)
-    if "derived_from" in m.build:
+    source = open_cache(s.cache).manifest
+    backend = s.to or source.backend
+    m = convert_cache(s.cache, backend, s.out, overwrite=s.overwrite, top_k=s.top_k, drop_samples=s.drop_samples,
+                      topk_encoding=s.topk_encoding, logprob_bits=s.logprob_bits)
+    enc = topk_encoding_of(m.fields)
+    if (m.top_k, m.sample_draws) != (source.top_k, source.sample_draws):
         print(f"{s.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k}, "
               f"{m.sample_draws} RS-KD draws (derived from {s.cache})")
+    elif enc is not None and enc != topk_encoding_of(source.fields):
+        print(f"{s.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k} stored compact "
+              f"({enc.logprob_bits}-bit log-prob codes, quantized from {s.cache}; top-1 exact)")
+    elif enc is None and topk_encoding_of(source.fields) is not None:
+        print(f"{s.out}: {m.totals()['shards']} shards written as {backend}, top-k {m.top_k} stored plain (the "
+              f"decoded values of {s.cache}; the mass its codes leave out joined the tail)")
     else:
         print(f"{s.out}: {m.totals()['shards']} shards written as {backend}; content checksums match {s.cache}")
     return 0
