@@ -78,18 +78,18 @@ class TrainSettings:
     SCHEDULED = ("alpha", "temperature", "kd_weight", "hidden_weight")
 
     def validate(self) -> None:
+        # Values first (bounds, finite numbers), so a bad value is named even when other settings are missing too.
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        check(self, TrainError, flags=False)  # a schedule (dict) is checked below, value by value
+        for name in self.SCHEDULED:
+            check_schedule(name, getattr(self, name))
+            _check_schedule_values(name, getattr(self, name), fields[name].metadata)
         if not self.cache or not self.out:
             raise TrainError("--cache and --out are required")
         if bool(self.student) == bool(self.student_layers):
             raise TrainError("give either --student HF_DIR or --student-layers N with --init-from-teacher")
         if self.student_layers and not self.init_from_teacher:
             raise TrainError("--student-layers needs --init-from-teacher TEACHER_DIR")
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        for name in self.SCHEDULED:
-            check_schedule(name, getattr(self, name))
-        check(self, TrainError, flags=False)  # a schedule (dict) is checked below, value by value
-        for name in self.SCHEDULED:
-            _check_schedule_values(name, getattr(self, name), fields[name].metadata)
         parse_report_to(self.report_to)
         for i, phase in enumerate(self.phases):
             if not isinstance(phase, dict) or not isinstance(phase.get("steps"), int) or phase["steps"] <= 0:
@@ -148,7 +148,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    hint = "; indent with spaces, not tabs" if "\t" in str(getattr(e, "problem", "")) or "tab" in problem else ""
+    # PyYAML names a tab as the escaped character: "found character '\\t' that cannot start any token".
+    hint = "; indent with spaces, not tabs" if any(t in problem for t in ("\t", "\\t", "tab")) else ""
     return f"{where}{problem}{hint}"
 
 
