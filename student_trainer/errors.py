@@ -9,3 +9,7 @@ class TrainError(KdError):
 
 class LoaderError(KdError):
     """A resume state or setting that does not fit this cache, or a reader process that died."""
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says at which step, and which checkpoint --resume continues from."""
