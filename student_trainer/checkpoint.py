@@ -20,6 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from formats.errors import KdError
 from formats.manifest import atomic_write_bytes, fsync_dir
+from student_trainer.errors import write_failure
 
 
 class CheckpointError(KdError):
@@ -64,9 +65,8 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer, ext
         atomic_write_bytes(root / "latest", final.name.encode())
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise CheckpointError(f"{final}: could not write the checkpoint ({reason}); no temporary files are left, "
-                              "and --resume continues from the previous checkpoint") from None
+        raise CheckpointError(f"{final}: could not write the checkpoint ({write_failure(e)}); no temporary files "
+                              "are left and the latest checkpoint is unchanged") from None
     return final
 
 

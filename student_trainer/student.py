@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
 from formats.errors import KdError
+from student_trainer.errors import write_failure
 
 
 class StudentError(KdError):
@@ -132,5 +133,5 @@ def save_student(folder: Path, model, tokenizer, info: dict) -> None:
         os.rename(tmp, folder)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise StudentError(f"{folder}: could not write the student ({reason}); no temporary files are left") from None
+        raise StudentError(f"{folder}: could not write the student ({write_failure(e)}); no temporary files are "
+                           "left") from None

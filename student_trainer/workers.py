@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from multiprocessing import resource_tracker
 from typing import Any
 
 PARENT_POLL_S = 0.5  # how soon a worker notices that its trainer is gone
@@ -29,7 +30,11 @@ PARENT_POLL_S = 0.5  # how soon a worker notices that its trainer is gone
 @contextmanager
 def sigint_blocked() -> Iterator[None]:
     """SIGINT blocked in this thread while the block runs: processes started here inherit the block for good. A
-    Ctrl-C that arrives meanwhile is delivered to the trainer when the block ends."""
+    Ctrl-C that arrives meanwhile is delivered to the trainer when the block ends.
+
+    multiprocessing's resource tracker is started first: starting it (which the first spawned process does)
+    blocks SIGINT and then *unblocks* it (resource_tracker.ensure_running), which would undo this block."""
+    resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
