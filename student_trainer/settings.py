@@ -71,8 +71,8 @@ class TrainSettings:
     wandb_project: str = setting("kdcache", "W&B project")
     checkpoint_every: int = setting(50, "optimizer steps between checkpoints, and one at the last step (0: none)",
                                     min=0)
-    eval_every: int = setting(0, "optimizer steps between evaluations on --eval-split, logged to metrics.jsonl as "
-                                 "eval_ce, eval_kl_to_teacher, ... (0: none)", min=0)
+    eval_every: int = setting(0, "optimizer steps between evaluations on --eval-split, and one at the last step, "
+                                 "logged to metrics.jsonl as eval_ce, eval_kl_to_teacher, ... (0: none)", min=0)
     eval_split: str = setting("heldout", "cache split of those evaluations")
     eval_batches: int = setting(0, "batches of each evaluation (0: the whole split)", min=0)
     resume: bool = setting(False, "continue from the latest checkpoint in --out (an error when there is none)")

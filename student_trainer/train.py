@@ -158,7 +158,7 @@ def train(s: TrainSettings) -> dict:
 
     # ---- output folder (locked for this run), data and resume
     run = claim_run_folder(out, s.resume) if rank == 0 else None
-    step, checkpointed, batches = 0, 0, None
+    step, checkpointed, batches, reporter = 0, 0, None, None
     try:
         reader = EpochReader(s.cache, s.split, LoaderSettings(batch_size=s.batch_size, shuffle_blocks=s.shuffle_blocks,
                                                               seed=s.seed, num_workers=s.num_workers,
@@ -232,8 +232,6 @@ def train(s: TrainSettings) -> dict:
                                                               "tokens": tokens_seen, "settings": settings_json})
                 checkpointed = step
         bar.close()
-        if reporter:
-            reporter.close()
 
         # ---- final HF folder (loads in transformers and vLLM)
         if rank == 0:
@@ -250,6 +248,8 @@ def train(s: TrainSettings) -> dict:
     finally:
         if batches is not None:
             batches.close()  # stops the loader workers now, not when the interpreter exits
+        if reporter is not None:
+            reporter.close()  # flushes every sink, an interrupted run's too
         if run is not None:
             run.release()
     if own_group:
