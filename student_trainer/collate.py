@@ -51,6 +51,18 @@ def _half_into(dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
 
 
+def targets(seq: dict[str, np.ndarray]) -> np.ndarray:
+    """(n - 1,) bool: which of a sequence's tokens 1..n-1 are next-token targets: in the loss mask (when the cache
+    has one) and not the first token of the next packed document."""
+    ok = np.ones(max(len(seq["input_ids"]) - 1, 0), bool)
+    if "loss_mask" in seq:
+        ok &= seq["loss_mask"][1:].astype(bool)
+    p = seq.get("position_ids")
+    if p is not None:
+        ok &= p[1:] != 0  # the first token of the next packed document is not predicted
+    return ok
+
+
 def _fill(seqs: list[dict[str, np.ndarray]], out: dict[str, np.ndarray], hidden_layers: list[int]) -> None:
     """Write the sequences into the (uninitialised) arrays of `out`, padding included."""
     t = out["input_ids"].shape[1]
@@ -62,11 +74,7 @@ def _fill(seqs: list[dict[str, np.ndarray]], out: dict[str, np.ndarray], hidden_
         p = s.get("position_ids")
         out["position_ids"][r, :n] = np.arange(n) if p is None else p
         out["position_ids"][r, n:] = np.arange(t - n)  # padding is its own "document": nothing real attends to it
-        nxt_ok = np.ones(n - 1, bool)
-        if "loss_mask" in s:
-            nxt_ok &= s["loss_mask"][1:].astype(bool)
-        if p is not None:
-            nxt_ok &= p[1:] != 0  # the first token of the next packed document is not predicted
+        nxt_ok = targets(s)
         out["labels"][r, : n - 1] = np.where(nxt_ok, ids[1:], IGNORE_INDEX)
         out["labels"][r, max(n - 1, 0):] = IGNORE_INDEX
         if "topk_ids" in s:  # a samples-only cache (k = 0) has none: its batch holds (B, T, 0) tensors

@@ -73,8 +73,13 @@ class TrainSettings:
     report_to: str = setting("", "also log metrics to tensorboard and/or wandb (comma-separated)")
     run_name: str = setting("", "W&B run name (default: the output folder's name)")
     wandb_project: str = setting("kdcache", "W&B project")
-    checkpoint_every: int = setting(50, "optimizer steps between checkpoints (0: only at the end)", min=0)
-    resume: bool = setting(False, "continue from the latest checkpoint in --out")
+    checkpoint_every: int = setting(50, "optimizer steps between checkpoints, and one at the last step (0: none)",
+                                    min=0)
+    eval_every: int = setting(0, "optimizer steps between evaluations on --eval-split, and one at the last step, "
+                                 "logged to metrics.jsonl as eval_ce, eval_kl_to_teacher, ... (0: none)", min=0)
+    eval_split: str = setting("heldout", "cache split of those evaluations")
+    eval_batches: int = setting(0, "batches of each evaluation (0: the whole split)", min=0)
+    resume: bool = setting(False, "continue from the latest checkpoint in --out (an error when there is none)")
     verify: bool = setting(False, "recompute every shard checksum before training")
     allow_incomplete: bool = setting(False, "train on a cache whose build has not finished")
     progress: bool = setting(True, "show a progress bar")
@@ -82,18 +87,18 @@ class TrainSettings:
     SCHEDULED = ("alpha", "temperature", "kd_weight", "hidden_weight")
 
     def validate(self) -> None:
+        # Values first (bounds, finite numbers), so a bad value is named even when other settings are missing too.
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        check(self, TrainError, flags=False)  # a schedule (dict) is checked below, value by value
+        for name in self.SCHEDULED:
+            check_schedule(name, getattr(self, name))
+            _check_schedule_values(name, getattr(self, name), fields[name].metadata)
         if not self.cache or not self.out:
             raise TrainError("--cache and --out are required")
         if bool(self.student) == bool(self.student_layers):
             raise TrainError("give either --student HF_DIR or --student-layers N with --init-from-teacher")
         if self.student_layers and not self.init_from_teacher:
             raise TrainError("--student-layers needs --init-from-teacher TEACHER_DIR")
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        for name in self.SCHEDULED:
-            check_schedule(name, getattr(self, name))
-        check(self, TrainError, flags=False)  # a schedule (dict) is checked below, value by value
-        for name in self.SCHEDULED:
-            _check_schedule_values(name, getattr(self, name), fields[name].metadata)
         parse_report_to(self.report_to)
         for i, phase in enumerate(self.phases):
             if not isinstance(phase, dict) or not isinstance(phase.get("steps"), int) or phase["steps"] <= 0:
@@ -152,7 +157,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    hint = "; indent with spaces, not tabs" if "\t" in str(getattr(e, "problem", "")) or "tab" in problem else ""
+    # PyYAML names a tab as the escaped character: "found character '\\t' that cannot start any token".
+    hint = "; indent with spaces, not tabs" if any(t in problem for t in ("\t", "\\t", "tab")) else ""
     return f"{where}{problem}{hint}"
 
 

@@ -173,7 +173,7 @@ def test_convert_plain_to_compact_and_back_and_between_backends(tmp_path):
     again = convert_cache(tmp_path / "compact", "parquet", tmp_path / "again")  # compact stays compact
     assert again.fields["topk_ids"].encoding == m.fields["topk_ids"].encoding
     assert [s.content_sha256 for s in again.shards] == [s.content_sha256 for s in m.shards]
-    recompact = convert_cache(tmp_path / "back", "zarr", tmp_path / "recompact", topk_encoding="compact", logprob_bits=5)
+    convert_cache(tmp_path / "back", "zarr", tmp_path / "recompact", topk_encoding="compact", logprob_bits=5)
     assert verify_cache(str(tmp_path / "recompact")) == []
     c, p, r = open_cache(tmp_path / "compact"), open_cache(tmp_path / "back"), open_cache(tmp_path / "recompact")
     for ec, ep, er in zip(c.shards(), p.shards(), r.shards(), strict=True):
