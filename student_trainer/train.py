@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from formats.overlap import check_no_overlap
 from formats.reader import open_cache
 from formats.tokenizer import tokenizer_info
 from student_trainer.batch import Batch
@@ -95,6 +96,10 @@ def train(s: TrainSettings) -> dict:
     # ---- setup: distributed, device, output folder (checked only: it is claimed once the inputs are), cache
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(s.out)
+    inputs = {"--cache": [s.cache], "--student": [s.student], "--init-from-teacher": [s.init_from_teacher],
+              "--teacher-tokenizer": [s.teacher_tokenizer]}
+    check_no_overlap("--out", s.out, {flag: paths for flag, paths in inputs.items() if paths[0] not in ("", "cache")},
+                     TrainError)
     check_run_folder(out, s.resume, probe_lock=rank == 0)
     device = resolve_device(s.device)
     own_group = False

@@ -59,3 +59,17 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_refuses_an_older_runs_checkpo
     with pytest.raises(TrainError, match=r"holds a run with checkpoints \(latest step-0000004\); add --resume"):
         claim_run_folder(out, resume=False)
     claim_run_folder(out, resume=True).release()
+
+
+def test_a_run_folder_inside_its_cache_or_holding_it_is_refused_before_anything_is_written(tmp_path, capsys):
+    from kdcache.cli import main
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    assert main(["train", "--cache", str(cache), "--out", str(cache / "run"), "--student", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "lies inside --cache" in err
+    assert main(["train", "--cache", str(cache), "--out", str(tmp_path), "--student", str(tmp_path / "s")]) == 2
+    assert "--cache" in capsys.readouterr().err
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json"]
