@@ -166,6 +166,12 @@ class OneLineParser(argparse.ArgumentParser):
     value: 'nan' (see kdcache train --help)`) instead of the usage block and then the error. Subcommands' parsers
     are made with the same class (argparse's add_subparsers uses the parent's)."""
 
+    def __init__(self, *args, **kwargs):
+        # A shortened flag would be read as whichever flag it starts: `--topk 4` as --topk-encoding, and a flag added
+        # later could change what an old command line means.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

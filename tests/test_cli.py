@@ -143,3 +143,10 @@ def test_help_shows_the_default_of_every_option_that_has_one(command):
             if f"(default: {shown})" not in helps[flag_of(f, prefix)]:
                 missing.append(flag_of(f, prefix))
     assert missing == []
+
+
+def test_a_shortened_flag_is_refused_not_read_as_the_flag_it_starts(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["build", "--teacher", "t", "--corpus", "c", "--out", "o", "--topk", "4"])
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: --topk 4" in capsys.readouterr().err
