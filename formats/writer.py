@@ -281,12 +281,29 @@ def _entry(rel: str, split: str, block: SeqBlock, fields: dict[str, FieldSpec], 
                       content_sha256=content_sha256(block, fields))
 
 
-def upload_shard(store: Store, rel: str, local: Path, files: tuple[FileEntry, ...]) -> None:
-    """Put a shard's local files at `rel` in an object store: temporary key, then server-side copy to the final
-    key, so no object appears under its final name before it is complete."""
+def place_shard(store: Store, rel: str, local: Path, files: tuple[FileEntry, ...]) -> None:
+    """Put a shard's files, complete on local disk at `local`, at `rel` so that they appear under their final
+    name only complete. Local: a copy under a temporary name, fsync, rename. Object store: upload under a temporary
+    key, then a server-side copy to the final key (which the store makes visible whole), then the temporary key
+    removed."""
     name = rel.rsplit("/", 1)[-1]
     parent = rel[: -len(name)]
     tmp_rel = f"{parent}.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if store.local:
+        final, tmp = Path(store.path(rel)), Path(store.path(tmp_rel))
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove(final)  # left by a crash between rename and manifest: not part of the cache
+            shutil.copytree(local, tmp) if local.is_dir() else shutil.copyfile(local, tmp)
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except OSError as e:
+            for leftover in (tmp, final):
+                with contextlib.suppress(OSError):
+                    _remove(leftover)
+            raise CacheError(f"{final}: could not write shard ({e.strerror or e})") from None
+        return
     single = len(files) == 1 and files[0].path == ""
     try:
         for f in files:
@@ -314,7 +331,7 @@ def _write_remote_shard(store: Store, rel: str, split: str, block: SeqBlock, fie
             files, sha = shard_files(local)
         except OSError as e:
             raise CacheError(f"{local}: could not stage shard {rel} for upload ({e.strerror or e})") from None
-        upload_shard(store, rel, local, files)
+        place_shard(store, rel, local, files)
     return _entry(rel, split, block, fields, files, sha)
 
 

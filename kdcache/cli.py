@@ -83,6 +83,14 @@ class ConvertSettings:
 
 
 @dataclass
+class CopySettings:
+    src: str = setting("", "the cache to copy: a directory or fsspec URL (s3://, gs://, https://, ...)", positional=True)
+    dst: str = setting("", "where the copy goes: a directory or fsspec URL; an interrupted copy resumes",
+                       positional=True)
+    overwrite: bool = setting(False, "replace whatever is at DST")
+
+
+@dataclass
 class MergeSettings:
     out: str = setting("", "the merged cache directory; every part must be a folder inside it", positional=True)
     parts: list[str] = setting(list, "part cache directories (inside OUT)", positional=True, nargs="+")
@@ -161,6 +169,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    s = CopySettings(**given(args, CopySettings))
+    from formats.copy import copy_cache
+
+    m = copy_cache(s.src, s.dst, overwrite=s.overwrite)
+    t = m.totals()
+    print(f"{s.dst}: {t['shards']} shards, {t['bytes']} bytes copied from {s.src}; checksums verified")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     s = load_settings(args.config, given(args, TrainSettings))  # before torch is imported: a bad value answers fast
     from student_trainer.train import train
@@ -226,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("verify", cmd_verify, "check checksums, schema and value invariants of a cache", VerifySettings)
     command("convert", cmd_convert, "rewrite a cache with the other storage backend, or derive a smaller one",
             ConvertSettings)
+    command("copy", cmd_copy, "mirror a cache between stores (local, s3://, gs://, ...), checksums verified, "
+            "resumable", CopySettings)
     p = command("train", cmd_train, "train a student from a cache (no teacher in memory)")
     p.add_argument("--config", help="YAML file of training settings (the flags below override it)")
     add_arguments(p, TrainSettings)

@@ -14,6 +14,7 @@ import pytest
 
 from formats import shard_cache
 from formats.convert import convert_cache
+from formats.copy import copy_cache
 from formats.errors import CacheError
 from formats.lock import STALE_S, lock_is_live
 from formats.reader import open_cache
@@ -161,3 +162,45 @@ def test_the_shard_cache_is_reused_by_later_runs_and_keeps_its_bound(s3, small_c
     shard_cache._recent.clear()
     shard_cache.evict(limit=0)  # least recently used first, down to the bound
     assert not os.path.exists(first)
+
+
+def test_copy_round_trips_local_s3_local_with_identical_checksums_and_resumes(s3, small_cache, tmp_path):
+    url, back = f"{s3.url}/mirror", tmp_path / "back"
+    copy_cache(small_cache.root, url)
+    copy_cache(url, back)
+    want = [s.to_json() for s in small_cache.manifest.shards]
+    assert [s.to_json() for s in open_cache(url).manifest.shards] == want
+    assert [s.to_json() for s in open_cache(back).manifest.shards] == want
+    assert verify_cache(url) == [] and verify_cache(str(back)) == []
+    # Stopped after one shard: the copy resumes and publishes the rest; the manifest came last each time.
+    partial = f"{s3.url}/partial"
+    copy_cache(small_cache.root, partial)
+    m = json.loads(s3.fs.cat_file(f"{partial[5:]}/manifest.json"))
+    m["shards"], m["complete"] = m["shards"][:1], False
+    m["splits"] = {"train": {"sequences": m["shards"][0]["sequences"], "tokens": m["shards"][0]["tokens"], "shards": 1}}
+    m["totals"] = {"sequences": m["shards"][0]["sequences"], "tokens": m["shards"][0]["tokens"],
+                   "bytes": m["shards"][0]["bytes"], "shards": 1}
+    s3.fs.pipe_file(f"{partial[5:]}/manifest.json", json.dumps(m).encode())
+    assert [s.to_json() for s in copy_cache(small_cache.root, partial).shards] == want
+    assert verify_cache(partial) == []
+    with pytest.raises(CacheError, match="another place"):
+        copy_cache(url, url)
+
+
+def test_merge_writes_the_merged_manifest_into_the_object_store(s3, small_cache):
+    from cache_builder.merge import merge_parts
+
+    parts = []
+    for i in range(2):
+        manifest = make_manifest(small_cache.backend, small_cache.fields, VOCAB, 16)
+        manifest.build.update(num_parts=2, part=i)
+        part = f"{s3.url}/merged/part-{i}"
+        with ShardCutter(CacheWriter(part, manifest, 20)) as w:
+            for split, seq in small_cache.items:
+                w.add(split, seq)
+            w.finish()
+        parts.append(part)
+    merged = merge_parts(f"{s3.url}/merged", parts)
+    assert [s.path for s in merged.shards][:2] == [f"part-0/{s.path}" for s in small_cache.manifest.shards][:2]
+    assert verify_cache(f"{s3.url}/merged") == []
+    assert open_cache(f"{s3.url}/merged").num_sequences() == 2 * len(small_cache.items)
