@@ -204,8 +204,9 @@ class CacheWriter:
     def finish(self) -> Manifest:
         """Mark the cache complete and write the card; returns the final manifest."""
         self.manifest.complete = True
+        card = render_card(self.manifest).encode()
         try:
-            self.store.write_bytes("README.md", render_card(self.manifest).encode())
+            self.store.write_bytes("README.md", card)
             self._write_manifest()
         except Exception as e:
             self.manifest.complete = False
