@@ -43,3 +43,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def share_tree(path: Path) -> None:
+    """Give `path` (a folder, recursively, or a file) the modes a plain open()/mkdir() would: 0644 / 0755 under the
+    usual umask. safetensors and mkstemp/mkdtemp create 0600 / 0700, which another user cannot read."""
+    path = Path(path)
+    if path.is_file():
+        os.chmod(path, shared_mode())
+        return
+    os.chmod(path, shared_mode(directory=True))
+    for dirpath, dirnames, filenames in os.walk(path):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), shared_mode(directory=True))
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), shared_mode())
