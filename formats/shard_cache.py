@@ -11,7 +11,6 @@ requests (`python -m http.server`) serves a cache as well as an object store doe
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -23,6 +22,7 @@ from formats.errors import CacheError
 from formats.home import kdcache_home
 from formats.manifest import ShardEntry
 from formats.store import Store, describe_error
+from formats.writer import file_sha256
 
 DIR_ENV = "KDCACHE_SHARD_CACHE"
 SIZE_ENV = "KDCACHE_SHARD_CACHE_GB"
@@ -43,14 +43,6 @@ def cache_bytes() -> int:
     except ValueError:
         raise CacheError(f"${SIZE_ENV}: expected a number of GB, got {text!r}") from None
     return int(gb * 2**30)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def local_shard(store: Store, entry: ShardEntry, where: str, refresh: bool = False) -> str:
@@ -79,7 +71,7 @@ def local_shard(store: Store, entry: ShardEntry, where: str, refresh: bool = Fal
             size = target.stat().st_size
             if size != f.bytes:
                 raise CacheError(f"{where}: file {f.path or entry.path!r} has {size} bytes, the manifest says {f.bytes}")
-            if _sha256_file(target) != f.sha256:
+            if file_sha256(target) != f.sha256:
                 raise CacheError(f"{where}: file {f.path or entry.path!r} sha256 mismatch (damaged or changed)")
         home.mkdir(parents=True, exist_ok=True)
         # A copy already there (another thread or process got there first, or `refresh`) holds the same checked

@@ -8,6 +8,7 @@ unit one inner chunk.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,8 +266,6 @@ _EMPTY = 2**64 - 1
 
 def _direct_readers(store, arrays: dict) -> dict[str, _DirectArray]:
     """Direct readers for the arrays whose metadata is exactly the layout `write` makes, on a local store."""
-    import os
-
     root = getattr(store, "root", None)
     if root is None or type(store).__name__ != "LocalStore":
         return {}
