@@ -204,3 +204,18 @@ def test_merge_writes_the_merged_manifest_into_the_object_store(s3, small_cache)
     assert [s.path for s in merged.shards][:2] == [f"part-0/{s.path}" for s in small_cache.manifest.shards][:2]
     assert verify_cache(f"{s3.url}/merged") == []
     assert open_cache(f"{s3.url}/merged").num_sequences() == 2 * len(small_cache.items)
+
+
+def test_build_refuses_an_output_it_cannot_write_before_it_looks_at_the_teacher(s3, tmp_path, monkeypatch):
+    from cache_builder.build import run_build
+    from cache_builder.settings import BuildSettings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("some text " * 20)
+    for out, says in [("s3://kdcache-no-such-bucket/c", "kdcache-no-such-bucket/c: cannot write a cache here"),
+                      ("https://127.0.0.1:9/c", "read-only"), ("s3:/bucket/c", "lost a '/'")]:
+        s = BuildSettings(teacher=str(tmp_path / "no-teacher-here"), corpus=[str(tmp_path / "corpus.txt")], out=out,
+                          progress=False)
+        with pytest.raises(CacheError, match=says):
+            run_build(s)
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]
