@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.manifest import Manifest
-from formats.schema import bf16_to_f32, f32_to_bf16, make_fields
+from formats.schema import SeqBlock, bf16_to_f32, f32_to_bf16, make_fields
 from formats.writer import CacheWriter
 
 VOCAB = 49152
@@ -58,6 +58,9 @@ def synthetic_sequence(rng: np.random.Generator, n: int, full: bool, doc: int) -
     return seq
 
 
+SHARD_TOKENS = 65536
+
+
 def write_cache(root: Path, backend: str, variant: str, tokens: int, seed: int = 0) -> str:
     """A cache of `variant` (VARIANTS) with about `tokens` tokens at `root`; returns its path."""
     full, compact = variant == "full", variant == "compact"
@@ -71,13 +74,20 @@ def write_cache(root: Path, backend: str, variant: str, tokens: int, seed: int =
         corpus={"fingerprint": "0" * 64, "sources": []}, created_by="kdcache benchmarks/loader.py")
     rng = np.random.default_rng(seed)
     done, doc = 0, 0
-    with CacheWriter(root, manifest, shard_tokens=65536) as w:
+    with CacheWriter(root, manifest, shard_tokens=SHARD_TOKENS) as w:
+        pending, pending_tokens = [], 0  # cut into shards as the builder cuts them: at SHARD_TOKENS tokens
         while done < tokens:
             n = int(rng.integers(256, 1025))
             seq = synthetic_sequence(rng, n, full, doc)
             if compact:
                 seq["topk_logprobs"] = bf16_to_f32(seq["topk_logprobs"])
-            w.add("train", seq)
+            pending.append(seq)
+            pending_tokens += n
+            if pending_tokens >= SHARD_TOKENS:
+                w.write_shard("train", SeqBlock.from_sequences(pending, fields))
+                pending, pending_tokens = [], 0
             done, doc = done + n, doc + 1
+        if pending:
+            w.write_shard("train", SeqBlock.from_sequences(pending, fields))
         w.finish()
     return str(root)

@@ -37,6 +37,7 @@ from cache_builder.teacher_vllm import VllmTeacher
 from formats.manifest import Manifest
 from formats.schema import SeqBlock, make_fields
 from formats.tokenizer import tokenizer_info
+from formats.store import check_writable
 from formats.writer import CacheWriter
 
 
@@ -114,6 +115,7 @@ def open_teacher(path: str, name: str, s: BuildSettings) -> Teacher:
 def run_build(s: BuildSettings) -> Manifest:
     """Build (or resume) the cache described by `s`; returns the finished manifest."""
     s.validate()
+    check_writable(s.out)  # an output that cannot be written is refused before the teacher loads (one line)
     path, name = resolve_teacher_path(s.teacher)
     check_teacher_folder(path)
     try:

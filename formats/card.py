@@ -1,6 +1,11 @@
-"""The README.md card written into every finished cache, for the people it is shared with."""
+"""The README.md card written into every finished cache, for the people it is shared with: a Hugging Face dataset
+card (YAML `configs`, one split per cache split, so `datasets.load_dataset(CACHE_DIR)` gives each split) and
+snippets for pandas, DuckDB, polars, datasets (Parquet) or zarr and xarray (Zarr) that handle the NaN last
+position of `target_logprob` and BF16 values stored as uint16 bits. tests/formats/test_data_tools.py runs them."""
 
 from __future__ import annotations
+
+import json
 
 from formats.manifest import Manifest
 
@@ -38,10 +43,83 @@ def _logprob_storage(m: Manifest) -> str:
     return f"compact {enc.logprob_bits}-bit codes (top-1 and tail exact; SPEC.md \"Compact top-k\")"
 
 
+def front_matter(m: Manifest) -> list[str]:
+    """The dataset card's YAML: for Parquet, a `configs` entry whose splits list each split's shard files (JSON is
+    YAML, so every value is written as JSON text); Zarr shards are not a format `datasets` reads."""
+    lines = ["---", "tags:", "- kdcache", "- knowledge-distillation"]
+    if m.backend == "parquet" and m.shards:
+        lines += ["configs:", "- config_name: default", "  data_files:"]
+        for split in m.splits():
+            lines += [f"  - split: {split}", "    path:"]
+            lines += [f"    - {json.dumps(s.path)}" for s in m.split_shards(split)]
+    return lines + ["---", ""]
+
+
+def _bf16_fields(m: Manifest) -> list[str]:
+    return [n for n, spec in m.fields.items() if spec.dtype == "BF16"]
+
+
+def snippets(m: Manifest) -> list[str]:
+    """Markdown: how to open the cache with the usual tools, run from the cache's folder."""
+    first = m.split_shards(next(iter(m.splits()), None))
+    split = first[0].split if first else "train"
+    files = [s.path for s in m.split_shards(split)]
+    bf16 = _bf16_fields(m)
+    if not files:
+        return ["## Open it without kdcache", "", "The cache holds no shards.", ""]
+    lines = ["## Open it without kdcache", "",
+             "From this folder (fetch a remote cache first: `kdcache copy URL DIR`). `target_logprob` is NaN at the "
+             "last position of every sequence (its next token is not in the window): use nan-aware means. BF16 "
+             "values are stored as their raw uint16 bits: widen them to float32 with "
+             "`(bits.astype(np.uint32) << 16).view(np.float32)`.", ""]
+    if m.backend == "parquet":
+        lines += ["```python", "import pyarrow.parquet as pq",
+                  f"table = pq.read_table({files[0]!r})  # one row per sequence",
+                  "print(table.schema); row = table.slice(0, 1).to_pylist()[0]", "```", "",
+                  "```python", "import os", "from datasets import load_dataset",
+                  "ds = load_dataset(os.path.abspath('.'))  # one split per cache split, from this card's configs",
+                  f"print({{name: len(d) for name, d in ds.items()}})  # sequences per split", "```", "",
+                  "```python", "import numpy as np", "import pandas as pd",
+                  f"df = pd.read_parquet({files!r})  # split {split!r}: one row per sequence",
+                  "target = np.concatenate(df['target_logprob'].to_numpy())",
+                  "print('mean target log-prob', np.nanmean(target))  # NaN at each last position", "```", "",
+                  "```python", "import duckdb",
+                  f"files = {files!r}",
+                  "query = ('SELECT avg(x) FROM (SELECT unnest(target_logprob) AS x FROM read_parquet($f)) '",
+                  "         'WHERE NOT isnan(x)')  # leave out the NaN last positions",
+                  "print(duckdb.execute(query, {'f': files}).fetchone())", "```", "",
+                  "```python", "import polars as pl",
+                  f"df = pl.read_parquet({files!r})",
+                  "print(df.select(pl.col('target_logprob').explode().fill_nan(None).mean()))", "```", ""]
+        if bf16:
+            name = bf16[0]
+            lines += ["```python", "import numpy as np", "import pyarrow.compute as pc", "import pyarrow.parquet as pq",
+                      f"col = pq.read_table({files[0]!r}, columns=[{name!r}]).column({name!r}).combine_chunks()",
+                      "bits = col.flatten()", "while hasattr(bits, 'flatten'):  # lists of (lists of) uint16",
+                      "    bits = bits.flatten()",
+                      "values = (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)",
+                      f"print({name!r}, 'as float32:', values[:4])", "```", ""]
+    else:
+        path = files[0]
+        lines += ["```python", "import zarr",
+                  f"g = zarr.open_group({path!r}, mode='r')  # flat token axis + seq_offsets",
+                  "off = g['seq_offsets'][:]; ids = g['input_ids'][off[0]:off[1]]  # sequence 0", "```", "",
+                  "```python", "import numpy as np", "import xarray as xr",
+                  f"ds = xr.open_zarr({path!r}, consolidated=False)",
+                  "print('mean target log-prob', np.nanmean(ds['target_logprob'].values))  # NaN at each last position",
+                  "```", ""]
+        if bf16:
+            name = bf16[0]
+            lines += ["```python", "import numpy as np", "import zarr",
+                      f"bits = zarr.open_group({path!r}, mode='r')[{name!r}][:]",
+                      "values = (bits.astype(np.uint32) << 16).view(np.float32)",
+                      f"print({name!r}, 'as float32:', values.reshape(-1)[:4])", "```", ""]
+    return lines
+
+
 def render_card(m: Manifest) -> str:
     t, b, totals = m.teacher, m.build, m.totals()
-    first = m.shards[0].path if m.shards else "shards/train-00000" + (".parquet" if m.backend == "parquet" else ".zarr")
-    lines = [
+    lines = front_matter(m) + [
         "# kdcache cache",
         "",
         f"Teacher outputs cached by {m.created_by or 'kdcache'} in kdcache format {m.format_version} "
@@ -69,18 +147,6 @@ def render_card(m: Manifest) -> str:
     for name, spec in m.fields.items():
         meaning = _MEANING.get(name, "teacher hidden state" if name.startswith("hidden/") else "")
         lines.append(f"| `{name}` | {spec.per} | {spec.dtype} | {list(spec.shape)} | {bpt[name]:.1f} | {meaning} |")
-    lines += ["", "BF16 values are stored as their raw uint16 bits.", "", "## Open it without kdcache", "", "```python"]
-    if m.backend == "parquet":
-        lines += [
-            "import pyarrow.parquet as pq",
-            f"table = pq.read_table('{first}')  # one row per sequence",
-            "print(table.schema); row = table.slice(0, 1).to_pylist()[0]",
-        ]
-    else:
-        lines += [
-            "import zarr",
-            f"g = zarr.open_group('{first}', mode='r')  # flat token axis + seq_offsets",
-            "off = g['seq_offsets'][:]; ids = g['input_ids'][off[0]:off[1]]  # sequence 0",
-        ]
-    lines += ["```", "", "With kdcache: `kdcache inspect .` and `kdcache verify .`", ""]
+    lines += ["", "BF16 values are stored as their raw uint16 bits.", ""] + snippets(m)
+    lines += ["With kdcache: `kdcache inspect .` and `kdcache verify .`", ""]
     return "\n".join(lines)

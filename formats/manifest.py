@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from formats.atomic import atomic_write_bytes
 from formats.errors import CacheError
 from formats.schema import (
     FORMAT_NAME,
@@ -283,30 +284,9 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     return manifest_from_json(obj, where)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def manifest_bytes(manifest: Manifest) -> bytes:
+    return json.dumps(manifest.to_json(), indent=1, sort_keys=False).encode() + b"\n"
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    data = json.dumps(manifest.to_json(), indent=1, sort_keys=False).encode() + b"\n"
-    atomic_write_bytes(Path(root) / MANIFEST_NAME, data)
+    atomic_write_bytes(Path(root) / MANIFEST_NAME, manifest_bytes(manifest))

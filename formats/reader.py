@@ -2,7 +2,9 @@
 
 `open_cache` accepts a local path or any fsspec URL. Shards are read whole, streamed block by block
 (row groups / inner chunks: numpy views of the decoded buffers, no further copies), or by sequence
-index for random access.
+index for random access. A remote cache's shards are read from the local shard cache (formats/shard_cache.py),
+which downloads each one whole and checks it first; opening a shard starts downloading the next PREFETCH ones
+in manifest order in the background.
 """
 
 from __future__ import annotations
@@ -10,13 +12,29 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from formats.errors import CacheError
+from formats.extra_files import unknown_files
 from formats.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardEntry, check_inside, parse_manifest
 from formats.schema import SeqBlock
+from formats.shard_cache import local_shard
+from formats.shard_parquet import ParquetShard
+from formats.shard_zarr import ZarrShard
+from formats.store import Store, describe_error, open_store
+
+PREFETCH = 4  # shards downloaded ahead of the one being read (remote caches)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="kdcache-prefetch")
+    return _POOL
 
 
 @dataclass
@@ -26,6 +44,8 @@ class Cache:
     fs: object  # fsspec filesystem
     root: str  # path of the cache inside `fs`
     local: bool
+    store: Store | None = None
+    _fetching: dict[str, Future] = field(default_factory=dict, repr=False)
 
     def path_of(self, entry: ShardEntry, file: str = "") -> str:
         rel = f"{entry.path}/{file}" if file else entry.path
@@ -49,6 +69,9 @@ class Cache:
                     size = self.fs.size(path)
                 except (FileNotFoundError, OSError):
                     raise CacheError(f"{self.url}: shard {entry.path!r} is missing file {f.path or entry.path!r}") from None
+                except Exception as e:  # an object store's or HTTP client's error
+                    raise CacheError(f"{self.url}: shard {entry.path!r}: cannot reach {f.path or entry.path!r} "
+                                     f"({describe_error(e)})") from None
                 if size != f.bytes:
                     raise CacheError(
                         f"{self.url}: shard {entry.path!r} file {f.path or entry.path!r} has {size} bytes, "
@@ -59,8 +82,6 @@ class Cache:
             tokens = shard.num_tokens
             if tokens != entry.tokens:
                 raise CacheError(f"{self.url}: shard {entry.path!r} holds {tokens} tokens, the manifest says {entry.tokens}")
-        from formats.verify import unknown_files
-
         extra = unknown_files(self)
         if not self.manifest.complete:  # a build still running has its next shard under a temporary name
             extra = [p for p in extra if ".tmp-" not in p]
@@ -68,36 +89,46 @@ class Cache:
             more = f" (and {len(extra) - 1} more; `kdcache verify` lists them)" if len(extra) > 1 else ""
             raise CacheError(extra[0] + more)
 
+    def local_path(self, entry: ShardEntry, refresh: bool = False) -> str:
+        """A remote shard's path in the local shard cache (downloaded and checked if needed), and downloads of the
+        next PREFETCH shards started; `refresh`: download again even if cached."""
+        where = f"{self.url}: shard {entry.path!r}"
+        pending = self._fetching.pop(entry.path, None)
+        if pending is not None and not refresh:
+            try:
+                path = pending.result()
+            except CacheError:
+                path = local_shard(self.store, entry, where)  # retried here, so its error is this call's
+        else:
+            path = local_shard(self.store, entry, where, refresh=refresh)
+        if not refresh:
+            shards = self.manifest.shards
+            at = next((i for i, s in enumerate(shards) if s.path == entry.path), len(shards))
+            for nxt in shards[at + 1: at + 1 + PREFETCH]:
+                if nxt.path not in self._fetching:
+                    self._fetching[nxt.path] = _pool().submit(local_shard, self.store, nxt,
+                                                              f"{self.url}: shard {nxt.path!r}")
+        return path
+
     def open_shard(self, entry: ShardEntry):
         """A reader for one shard (ParquetShard or ZarrShard), its structure checked against the manifest."""
-        where = f"{self.url}: shard {entry.path!r}"
-        if self.manifest.backend == "parquet":
-            from formats.shard_parquet import ParquetShard
+        import zarr
 
-            path = self.path_of(entry)
-            try:
-                source = path if self.local else self.fs.open(path, "rb")
-            except FileNotFoundError:
-                raise CacheError(f"{where} is missing") from None
-            if self.local and not os.path.isfile(path):
+        where = f"{self.url}: shard {entry.path!r}"
+        path = self.path_of(entry) if self.local else self.local_path(entry)
+        if self.manifest.backend == "parquet":
+            if not os.path.isfile(path):
                 raise CacheError(f"{where} is missing")
-            shard = ParquetShard(source, self.manifest.fields, where)
+            shard = ParquetShard(path, self.manifest.fields, where)
             if shard.num_sequences != entry.sequences:
                 raise CacheError(f"{where} holds {shard.num_sequences} sequences, the manifest says {entry.sequences}")
             return shard
-        import zarr
-
-        from formats.shard_zarr import ZarrShard
-
-        path = self.path_of(entry)
+        if not os.path.isdir(path):
+            raise CacheError(f"{where} is missing")
         if self.local:
-            if not os.path.isdir(path):
-                raise CacheError(f"{where} is missing")
             for f in entry.files:
                 self.path_of(entry, f.path)  # refuses files that are symlinks out of the cache
-            store = zarr.storage.LocalStore(path, read_only=True)
-        else:
-            store = zarr.storage.FsspecStore.from_url(path, read_only=True)
+        store = zarr.storage.LocalStore(path, read_only=True)
         return ZarrShard(store, self.manifest.fields, where, entry.tokens, entry.sequences)
 
     def read_shard(self, entry: ShardEntry) -> SeqBlock:
@@ -127,25 +158,22 @@ class Cache:
 
 def open_cache(url: str | os.PathLike, require_complete: bool = False) -> Cache:
     """Open a cache directory or fsspec URL; the manifest is validated before anything else is read."""
-    import fsspec
-
     url = os.fspath(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    local = fs.protocol in ("file", "local") or (isinstance(fs.protocol, tuple) and "file" in fs.protocol)
-    if local:
-        root = os.path.abspath(root)
-    manifest_path = os.path.join(root, MANIFEST_NAME) if local else f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    store = open_store(url)
     try:
-        size = fs.size(manifest_path)
-        if size > MAX_MANIFEST_BYTES:
+        size = store.fs.size(store.path(MANIFEST_NAME))
+        if size is not None and size > MAX_MANIFEST_BYTES:
             raise CacheError(f"{url}: manifest.json has {size} bytes, too large for a manifest")
-        with fs.open(manifest_path, "rb") as f:
-            data = f.read()
+        data = store.read_bytes(MANIFEST_NAME)
     except FileNotFoundError:
         raise CacheError(f"{url}: no {MANIFEST_NAME}; not a kdcache cache") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
         raise CacheError(f"{url}: cannot read {MANIFEST_NAME} ({e})") from None
+    except CacheError:
+        raise
+    except Exception as e:  # an object store's or HTTP client's error: no bucket, no credentials, no server
+        raise CacheError(f"{url}: cannot read {MANIFEST_NAME} ({describe_error(e)})") from None
     manifest = parse_manifest(data, f"{url}/{MANIFEST_NAME}")
     if require_complete and not manifest.complete:
         raise CacheError(f"{url}: the cache is incomplete (its build was interrupted or is still running)")
-    return Cache(url=url, manifest=manifest, fs=fs, root=root, local=local)
+    return Cache(url=url, manifest=manifest, fs=store.fs, root=store.root, local=store.local, store=store)

@@ -36,7 +36,7 @@ def setting(default: Any = REQUIRED, help: str = "", *, choices: Iterable | None
     `--name-with-dashes`; `cli=False`: no flag (YAML or API only). `parse`: turns the flag's text into the value
     (e.g. '-1,12' -> [-1, 12]). `content=False`: the setting does not change what is built (left out of a
     cache's resume check). `required`: the command line must give it (its dataclass default is then a blank);
-    `positional`: it is given without a flag (`kdcache verify CACHE`).
+    `positional`: it is given without a flag (`kdcache verify CACHE`). `nargs="append"`: a repeatable flag (a list).
     A mutable default (list, dict) is given as its type or a callable and becomes a default_factory.
     """
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max,
@@ -154,7 +154,10 @@ def _argparse_kwargs(f: dataclasses.Field, tp: Any) -> dict:
         if isinstance(default, bool):
             kwargs["help"] += f" (default: {'on' if default else 'off'})"
         return kwargs
-    if meta["parse"]:
+    if meta["nargs"] == "append":  # a repeatable flag: each use adds one value
+        kwargs["action"] = "append"
+        kwargs["type"] = _parser(meta["parse"]) if meta["parse"] else str
+    elif meta["parse"]:
         kwargs["type"] = _parser(meta["parse"])
     elif meta["nargs"]:
         kwargs["nargs"] = meta["nargs"]

@@ -8,6 +8,7 @@ unit one inner chunk.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,8 +35,19 @@ _ZARR_DTYPE = {"I32": "int32", "I64": "int64", "U8": "uint8", "U16": "uint16",
 COMPRESSIONS = ("zstd", "none")
 
 
+def dimension_names(name: str, per: str, ndim: int) -> tuple[str, ...]:
+    """The Zarr `dimension_names` of a stored array (SPEC.md, Backends/Zarr), so xarray opens a shard: the row axis
+    is `token`, `sequence` or `sequence_edge` (seq_offsets, one longer), a shard array's `<field>_rows`; a trailing
+    axis is `<field>_dim` (each field its own, so two fields of different widths never share a name)."""
+    rows = {"token": "token", "sequence": "sequence", "shard": f"{name.replace('/', '_')}_rows"}[per]
+    if name == "seq_offsets":
+        rows = "sequence_edge"
+    return (rows, *[f"{name.replace('/', '_')}_dim{i}" if i else f"{name.replace('/', '_')}_dim"
+                    for i in range(ndim - 1)])
+
+
 def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dict | None = None,
-            compression: str = "zstd", level: int = 3) -> None:
+            compression: str = "zstd", level: int = 3, dims: tuple[str, ...] | None = None) -> None:
     from zarr.codecs import ZstdCodec
 
     rows = max(1, min(chunk_rows, len(data)))
@@ -44,6 +56,7 @@ def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dic
     arr = group.create_array(
         name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shard,
         compressors=ZstdCodec(level=level) if compression == "zstd" else None, fill_value=0, attributes=attributes or {},
+        dimension_names=dims,
     )
     if data.size:
         arr[...] = data
@@ -68,7 +81,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
     group = zarr.create_group(zarr.storage.LocalStore(str(path)), zarr_format=3, attributes=attrs)
     stored, shard_arrays, logical = to_stored(block, fields)
     _create(group, "seq_offsets", np.ascontiguousarray(stored.offsets - stored.offsets[0], dtype="<i8"), 1 << 20,
-            compression=compression)
+            compression=compression, dims=dimension_names("seq_offsets", "sequence", 1))
     subgroups = {}
     for name, spec in stored_fields(fields).items():
         data = {"token": stored.token, "sequence": stored.sequence, "shard": shard_arrays}[spec.per][name]
@@ -80,7 +93,7 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
         # Chunk by bytes, not rows, so wide hidden rows do not make huge chunks.
         row_bytes = max(1, data[:1].nbytes)
         _create(target, leaf, data, max(1, min(CHUNK_TOKENS, CHUNK_BYTES // row_bytes)), attributes, compression,
-                zstd_level(name))
+                zstd_level(name), dimension_names(name, spec.per, data.ndim))
     return logical
 
 
@@ -253,8 +266,6 @@ _EMPTY = 2**64 - 1
 
 def _direct_readers(store, arrays: dict) -> dict[str, _DirectArray]:
     """Direct readers for the arrays whose metadata is exactly the layout `write` makes, on a local store."""
-    import os
-
     root = getattr(store, "root", None)
     if root is None or type(store).__name__ != "LocalStore":
         return {}

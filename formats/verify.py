@@ -9,16 +9,15 @@ import numpy as np
 
 from formats.errors import CacheError
 from formats.manifest import MANIFEST_NAME, ShardEntry
+from formats.extra_files import extra_files, shard_extra_files
 from formats.reader import Cache, open_cache
 from formats.schema import SeqBlock, content_sha256, to_float32, topk_encoding_of
 from formats.topk_codec import CompactTopk
-from formats.writer import SHARD_DIR
 
 # |sum(top-k probs) + tail - 1| allowed for each stored log-prob dtype (SPEC.md, Fields).
 MASS_TOLERANCE = {"F32": 1e-4, "F16": 5e-3, "BF16": 3e-2}
 # Relative rounding of one stored log-prob, for target_logprob vs. its top-k entry.
 ROUNDING = {"F32": 1e-6, "F16": 2.0**-10, "BF16": 2.0**-7}
-_OWN_FILES = {MANIFEST_NAME, "README.md", ".lock"}
 
 
 def _first(mask: np.ndarray) -> int:
@@ -167,9 +166,13 @@ def check_compact(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, target: np.
 
 def _check_files(cache: Cache, entry: ShardEntry, where: str) -> list[str]:
     problems = []
-    listing = []
+    if not cache.local:  # downloaded afresh into the shard cache, which checks every file's size and sha256
+        try:
+            cache.local_path(entry, refresh=True)
+        except CacheError as e:
+            problems.append(str(e))
+        return problems + _listing_problems(entry, where)
     for f in entry.files:
-        listing.append(f"{f.path}\t{f.bytes}\t{f.sha256}\n")  # the manifest's own listing, missing files too
         path = cache.path_of(entry, f.path)
         name = f.path or entry.path
         h = hashlib.sha256()
@@ -186,67 +189,18 @@ def _check_files(cache: Cache, entry: ShardEntry, where: str) -> list[str]:
             problems.append(f"{where}: file {name!r} has {size} bytes, the manifest says {f.bytes}")
         elif h.hexdigest() != f.sha256:
             problems.append(f"{where}: file {name!r} sha256 mismatch (damaged or changed)")
+    return problems + _listing_problems(entry, where) + shard_extra_files(cache, entry, where)
+
+
+def _listing_problems(entry: ShardEntry, where: str) -> list[str]:
+    """The shard sha256 against the manifest's own file list (SPEC.md, shards)."""
+    problems = []
+    listing = [f"{f.path}\t{f.bytes}\t{f.sha256}\n" for f in entry.files]
     if len(entry.files) > 1 or entry.files[0].path:
         if hashlib.sha256("".join(sorted(listing)).encode()).hexdigest() != entry.sha256:
             problems.append(f"{where}: shard sha256 does not match its file list")
     elif entry.files[0].sha256 != entry.sha256:
         problems.append(f"{where}: shard sha256 differs from its file's sha256")
-    return problems + _shard_extra_files(cache, entry, where)
-
-
-def _shard_extra_files(cache: Cache, entry: ShardEntry, where: str) -> list[str]:
-    """Files inside a local shard folder (a Zarr group) that its manifest entry does not list."""
-    if not (cache.local and os.path.isdir(cache.path_of(entry))):
-        return []
-    known = {f.path for f in entry.files}
-    base = cache.path_of(entry)
-    problems = []
-    for dirpath, _, names in os.walk(base):
-        for n in names:
-            rel = os.path.relpath(os.path.join(dirpath, n), base).replace(os.sep, "/")
-            if rel not in known:
-                problems.append(f"{where}: unknown extra file {rel!r} in the shard")
-    return problems
-
-
-def unknown_files(cache: Cache) -> list[str]:
-    """Files and folders of a local cache that its manifest does not name, one line each; no file is read.
-
-    A file the manifest does not name may be a shard someone copied in by hand: its data would be silently
-    left out, so the trainer refuses such a cache as verify reports it (see Cache.check_structure).
-    """
-    problems = _extra_files(cache)
-    for entry in cache.manifest.shards:
-        problems += _shard_extra_files(cache, entry, f"{cache.url}: shard {entry.path!r}")
-    return problems
-
-
-def _extra_files(cache: Cache) -> list[str]:
-    """Files and folders in a local cache directory that the manifest does not name."""
-    if not cache.local:
-        return []
-    shard_paths = {s.path for s in cache.manifest.shards}
-    parents = {p.rsplit("/", i)[0] for p in shard_paths for i in range(1, p.count("/") + 1)}
-    parents.add(SHARD_DIR)  # the writer's shard folder belongs to the layout even while it is empty
-    # A merged cache keeps each part's own manifest, card and lock beside the part's shards.
-    parts = cache.manifest.extra.get("parts", [])
-    own = _OWN_FILES | {f"{p}/{name}" for p in parts for name in _OWN_FILES}
-    parents |= {p.rsplit("/", i)[0] for p in parts for i in range(0, p.count("/") + 1)}
-    parents |= {f"{p}/{SHARD_DIR}" for p in parts}
-    problems = []
-    for dirpath, dirnames, names in os.walk(cache.root):
-        rel_dir = os.path.relpath(dirpath, cache.root).replace(os.sep, "/")
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        for n in names:
-            if prefix + n not in own and prefix + n not in shard_paths:
-                problems.append(f"{cache.url}: unknown extra file {prefix + n!r} (not named by the manifest)")
-        keep = []
-        for d in dirnames:
-            if prefix + d in parents:
-                keep.append(d)
-            elif prefix + d not in shard_paths:  # zarr groups are checked against their own file lists
-                problems.append(f"{cache.url}: unknown extra directory {prefix + d!r} (not named by the manifest)")
-        dirnames[:] = keep
     return problems
 
 
@@ -257,7 +211,7 @@ def verify_cache(url: str, checksums: bool = True) -> list[str]:
     except CacheError as e:
         return [str(e)]
     problems = [] if cache.manifest.complete else [f"{url}: the cache is incomplete (build interrupted or running)"]
-    problems += _extra_files(cache)
+    problems += extra_files(cache)
     for entry in cache.manifest.shards:
         where = f"{url}: shard {entry.path!r}"
         try:

@@ -11,15 +11,46 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from dataclasses import dataclass
 
 from cache_builder.settings import BuildSettings, VllmOptions
+from formats import shard_cache
 from formats.errors import KdError
 from formats.schema import TOPK_ENCODINGS
 from formats.settings import add_arguments, check, given, setting
+from formats.store import options_from_flags, set_storage_options, storage_options
 from formats.topk_codec import DEFAULT_LOGPROB_BITS, MAX_LOGPROB_BITS, MIN_LOGPROB_BITS
 from student_trainer.settings import EvalSettings, TrainSettings, load_settings
+
+
+@dataclass
+class StoreSettings:
+    """Where remote caches are read and written: on every command that takes a cache (README, "Remote caches")."""
+
+    storage_option: list[str] = setting(list, "an fsspec storage option for s3://, gs://, az://, http(s):// caches, "
+                                              "as KEY=VALUE (repeatable): endpoint_url=URL, key=ID, secret=KEY, "
+                                              "anon=true, client_kwargs.region_name=REGION", nargs="append",
+                                        metavar="KEY=VALUE")
+    shard_cache: str = setting("", "local folder where shards of remote caches are kept (default: "
+                                   "$KDCACHE_SHARD_CACHE, else the kdcache home's shards/)", metavar="DIR")
+    shard_cache_gb: float | None = setting(None, "size bound of the shard cache in GB, least recently used "
+                                                 "shards go first (default: $KDCACHE_SHARD_CACHE_GB, else 50)", above=0,
+                                          max=1e6)
+
+
+def apply_store_settings(args: argparse.Namespace) -> None:
+    """Put the command line's storage options and shard cache in the environment, where formats reads them (and
+    where loader workers and other child processes inherit them)."""
+    s = StoreSettings(**given(args, StoreSettings))
+    check(s, KdError)
+    if s.storage_option:
+        set_storage_options({**storage_options(), **options_from_flags(s.storage_option)})
+    if s.shard_cache:
+        os.environ[shard_cache.DIR_ENV] = s.shard_cache
+    if s.shard_cache_gb is not None:
+        os.environ[shard_cache.SIZE_ENV] = str(s.shard_cache_gb)
 
 
 @dataclass
@@ -49,6 +80,14 @@ class ConvertSettings:
                                              f"source's, or {DEFAULT_LOGPROB_BITS})",
                                        min=MIN_LOGPROB_BITS, max=MAX_LOGPROB_BITS)
     overwrite: bool = setting(False, "replace whatever is at --out")
+
+
+@dataclass
+class CopySettings:
+    src: str = setting("", "the cache to copy: a directory or fsspec URL (s3://, gs://, https://, ...)", positional=True)
+    dst: str = setting("", "where the copy goes: a directory or fsspec URL; an interrupted copy resumes",
+                       positional=True)
+    overwrite: bool = setting(False, "replace whatever is at DST")
 
 
 @dataclass
@@ -130,6 +169,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_copy(args: argparse.Namespace) -> int:
+    s = CopySettings(**given(args, CopySettings))
+    from formats.copy import copy_cache
+
+    m = copy_cache(s.src, s.dst, overwrite=s.overwrite)
+    t = m.totals()
+    print(f"{s.dst}: {t['shards']} shards, {t['bytes']} bytes copied from {s.src}; checksums verified")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     s = load_settings(args.config, given(args, TrainSettings))  # before torch is imported: a bad value answers fast
     from student_trainer.train import train
@@ -184,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="kdcache", description="Offline knowledge distillation from a teacher cache.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help: str, settings=None) -> argparse.ArgumentParser:
+    def command(name: str, handler, help: str, settings=None, store: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if settings is not None:
             add_arguments(p, settings)
+        if store:  # every command that takes a cache
+            add_arguments(p.add_argument_group("remote caches"), StoreSettings)
         p.set_defaults(func=handler)
         return p
 
@@ -199,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     command("verify", cmd_verify, "check checksums, schema and value invariants of a cache", VerifySettings)
     command("convert", cmd_convert, "rewrite a cache with the other storage backend, or derive a smaller one",
             ConvertSettings)
+    command("copy", cmd_copy, "mirror a cache between stores (local, s3://, gs://, ...), checksums verified, "
+            "resumable", CopySettings)
     p = command("train", cmd_train, "train a student from a cache (no teacher in memory)")
     p.add_argument("--config", help="YAML file of training settings (the flags below override it)")
     add_arguments(p, TrainSettings)
     command("eval", cmd_eval, "compare a student with the cached teacher on a split", EvalSettings)
     command("demo", cmd_demo, "cache the embedded teacher over real text, distill a student, compare with CE only",
-            DemoSettings)
+            DemoSettings, store=False)
     return parser
 
 
@@ -215,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if args.command != "demo":
+            apply_store_settings(args)
         return int(args.func(args) or 0)
     except KdError as e:
         print(f"kdcache {args.command}: error: {e}", file=sys.stderr)

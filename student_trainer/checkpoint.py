@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from formats.errors import KdError
-from formats.manifest import atomic_write_bytes, fsync_dir
+from formats.atomic import atomic_write_bytes, fsync_dir, share_tree
 from student_trainer.errors import write_failure
 
 
@@ -79,6 +79,7 @@ def _write_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer
         rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     state = dict(extra, step=step, optimizer=meta, rng=rng)
     (folder / "state.json").write_text(json.dumps(state))
+    share_tree(folder)  # safetensors writes 0600: a checkpoint is handed over like the final student
     for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

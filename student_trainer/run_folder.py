@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from formats.manifest import atomic_write_bytes
+from formats.atomic import atomic_write_bytes
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.errors import TrainError
 

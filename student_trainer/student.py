@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
+from formats.atomic import share_tree
 from formats.errors import KdError
 from student_trainer.errors import write_failure
 
@@ -129,6 +130,7 @@ def save_student(folder: Path, model, tokenizer, info: dict) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "kdcache_student.json").write_text(json.dumps(info, indent=1))
+        share_tree(tmp)  # safetensors writes 0600: another user could not load the student
         shutil.rmtree(folder, ignore_errors=True)  # the previous final folder of this same run
         os.rename(tmp, folder)
     except (OSError, SafetensorError) as e:

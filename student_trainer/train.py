@@ -18,8 +18,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from formats.errors import CacheError
 from formats.overlap import check_no_overlap
 from formats.reader import open_cache
+from formats.teacher_identity import find_teacher
 from formats.tokenizer import tokenizer_info
 from student_trainer.batch import Batch
 from student_trainer.cache_check import check_output_rows, check_split, open_checked_cache
@@ -79,10 +81,11 @@ def build_student(s: TrainSettings):
         model, tokenizer = load_student(s.student)
         return model, tokenizer, {"student": s.student}
     teacher = s.init_from_teacher
-    if teacher == "cache":  # the teacher folder recorded in the cache's manifest
-        teacher = open_cache(s.cache).manifest.teacher.get("path", "")
-        if not Path(teacher, "config.json").exists():
-            raise TrainError(f"init_from_teacher 'cache': the teacher folder the cache names ({teacher!r}) is not here")
+    if teacher == "cache":  # the cache's teacher, found by its fingerprint (the builder's folder need not exist here)
+        try:
+            teacher = str(find_teacher(open_cache(s.cache).manifest.teacher))
+        except CacheError as e:
+            raise TrainError(f"init_from_teacher 'cache': {e}") from None
     model, tokenizer, info = student_from_teacher(teacher, s.student_layers, s.student_hidden or None, seed=s.seed)
     return model, tokenizer, info
 

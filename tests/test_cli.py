@@ -16,6 +16,7 @@ from cache_builder.settings import BuildSettings, VllmOptions
 from formats.settings import default_of, flag_of, setting_fields
 from kdcache.cli import (
     ConvertSettings,
+    CopySettings,
     DemoSettings,
     InspectSettings,
     MergeSettings,
@@ -36,6 +37,7 @@ FAIL_FAST = {
     "inspect": [f"{{tmp}}/{MISSING}-cache"],
     "verify": [f"{{tmp}}/{MISSING}-cache"],
     "convert": [f"{{tmp}}/{MISSING}-cache", "--out", "{tmp}/out"],
+    "copy": [f"{{tmp}}/{MISSING}-cache", "{tmp}/out"],
     "train": ["--cache", f"{{tmp}}/{MISSING}-cache", "--out", "{tmp}/out", "--student", f"{{tmp}}/{MISSING}-student"],
     "eval": ["--student", f"{{tmp}}/{MISSING}-student", "--cache", f"{{tmp}}/{MISSING}-cache"],
     "demo": ["--corpus", f"{{tmp}}/{MISSING}-corpus", "--out", "{tmp}/out"],
@@ -44,6 +46,7 @@ FAIL_FAST = {
 SETTINGS = {
     "build": [(BuildSettings, ""), (VllmOptions, "vllm")], "merge": [(MergeSettings, "")],
     "inspect": [(InspectSettings, "")], "verify": [(VerifySettings, "")], "convert": [(ConvertSettings, "")],
+    "copy": [(CopySettings, "")],
     "train": [(TrainSettings, "")], "eval": [(EvalSettings, "")], "demo": [(DemoSettings, "")],
 }
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
+import http.server
+import json
+import logging
 import shutil
+import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +17,7 @@ import pytest
 
 from formats.manifest import Manifest
 from formats.schema import FieldSpec
+from tests.formats.remote import S3, QuietHandler, RangeHandler, s3_options
 from tests.formats.synth import BACKENDS, make_sequences, rich_fields, write_cache
 
 
@@ -55,3 +62,53 @@ def small_cache(tmp_path: Path, backend: str, _small_cache_template) -> SmallCac
     template = _small_cache_template(backend)
     shutil.copytree(template.root, tmp_path / "cache", symlinks=True)
     return SmallCache(tmp_path / "cache", backend, template.fields, template.items, copy.deepcopy(template.manifest))
+
+
+# ----------------------------------------------------------------------------- remote stores on loopback
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """moto's standalone S3 server on 127.0.0.1 (a free port), one for the session, stopped at its end."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch, tmp_path) -> S3:
+    """A fresh bucket on the loopback S3 server; this process's storage options reach it, and its shard cache is
+    the test's own."""
+    options = s3_options(moto_endpoint)
+    monkeypatch.setenv("KDCACHE_STORAGE_OPTIONS", json.dumps(options))
+    monkeypatch.setenv("KDCACHE_SHARD_CACHE", str(tmp_path / "shard-cache"))
+    bucket = f"kdcache-{uuid.uuid4().hex[:12]}"
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir(bucket)
+    return S3(f"s3://{bucket}", fs, options)
+
+
+@pytest.fixture
+def http_server():
+    """start(folder, ranges) -> base URL of a server on 127.0.0.1 serving `folder`: `http.server`'s own handler
+    (no Range support: every GET answers the whole file) or one that answers Range requests with 206. Stopped at
+    the end of the test."""
+    servers = []
+
+    def start(folder: Path, ranges: bool) -> str:
+        handler = functools.partial(RangeHandler if ranges else QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.manifest import Manifest
-from formats.schema import FieldSpec, from_float32, make_fields, top_k_of
+from formats.manifest import Manifest, ShardEntry
+from formats.schema import FieldSpec, SeqBlock, from_float32, make_fields, top_k_of
 from formats.writer import CacheWriter
 
 
@@ -102,11 +102,47 @@ def make_sequences(lengths: list[int], fields: dict[str, FieldSpec], vocab: int 
             for j, n in enumerate(lengths)]
 
 
+class ShardCutter:
+    """A CacheWriter fed one sequence at a time, as the builder cuts shards: a split's buffered sequences become
+    a shard (`CacheWriter.write_shard`) once they hold `shard_tokens` tokens; `finish` writes the rest first."""
+
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
+        self.pending: dict[str, list[dict[str, np.ndarray]]] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.writer, name)
+
+    def add(self, split: str, seq: dict[str, np.ndarray]) -> ShardEntry | None:
+        self.pending.setdefault(split, []).append(seq)
+        if sum(len(q["input_ids"]) for q in self.pending[split]) >= self.writer.shard_tokens:
+            return self.flush(split)
+        return None
+
+    def flush(self, split: str) -> ShardEntry | None:
+        seqs = self.pending.pop(split, [])
+        if not seqs:
+            return None
+        return self.writer.write_shard(split, SeqBlock.from_sequences(seqs, self.writer.manifest.fields))
+
+    def finish(self) -> Manifest:
+        for split in list(self.pending):
+            self.flush(split)
+        return self.writer.finish()
+
+    def __enter__(self) -> "ShardCutter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+
 def write_cache(root: Path, backend: str, items: list[tuple[str, dict]], fields: dict[str, FieldSpec],
                 vocab: int = VOCAB, draws: int = DRAWS, shard_tokens: int = 20, overwrite: bool = False) -> Manifest:
-    """Write `(split, sequence)` items in order with CacheWriter.add and finish the cache."""
+    """Write `(split, sequence)` items in order, cut into shards as the builder cuts them, and finish the cache."""
     draws = draws if "sample_ids" in fields else 0
-    with CacheWriter(root, make_manifest(backend, fields, vocab, draws), shard_tokens, overwrite=overwrite) as w:
+    with ShardCutter(CacheWriter(root, make_manifest(backend, fields, vocab, draws), shard_tokens,
+                                 overwrite=overwrite)) as w:
         for split, seq in items:
             w.add(split, seq)
         return w.finish()

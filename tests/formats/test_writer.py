@@ -23,6 +23,7 @@ from tests.formats.synth import (
     default_fields,
     make_manifest,
     make_sequences,
+    ShardCutter,
     rich_fields,
     write_cache,
 )
@@ -30,10 +31,10 @@ from tests.formats.synth import (
 LENGTHS = [10, 10, 12, 8, 9, 11, 7]  # with shard_tokens=20: train shards of 2, 2, 2 and 1 sequences
 
 
-def _writer(root: Path, backend: str, fields=None, shard_tokens: int = 20, **kw) -> CacheWriter:
+def _writer(root: Path, backend: str, fields=None, shard_tokens: int = 20, **kw) -> ShardCutter:
     fields = fields or rich_fields()
-    return CacheWriter(root, make_manifest(backend, fields, VOCAB, DRAWS if "sample_ids" in fields else 0),
-                       shard_tokens, **kw)
+    return ShardCutter(CacheWriter(root, make_manifest(backend, fields, VOCAB, DRAWS if "sample_ids" in fields else 0),
+                                   shard_tokens, **kw))
 
 
 def _listing(root: Path) -> list[str]:
