@@ -2,6 +2,16 @@
 
 Shared by both backends (transformers and vLLM) so they write the same content. Notation: N = positions
 (rows), V = real vocabulary, k = top-k, D = RS-KD draws, S = sample slots.
+
+The reduction is one pass of exp over each row, on the raw logits where that is exact: with m the row's
+largest logit and e = exp(x - m), the top-k of x is the top-k of the log-probs (log_softmax is x - m - log s,
+a shift), s = sum(e) gives log s once, the tail is the sum of e outside the top k (summed directly, never
+1 - sum(top k), which cancels when the top k hold nearly all the mass), the target is x[next] - m - log s,
+and the RS-KD draws are taken from e itself (`torch.multinomial` normalises its weights). Rows are reduced
+a few at a time on CPU, so the float32 buffer stays in the core's cache across these passes
+(`reduction_rows`); the top-k there is a two-level search (`top_k`). The vLLM route computes the logits
+`CaptureSettings.row_chunk` rows at a time and the transformers route one sequence at a time; either way
+this runs where the logits are. benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
 """
 
 from __future__ import annotations
@@ -13,6 +23,13 @@ import torch
 
 from cache_builder.dtypes import torch_dtype
 
+# Float32 bytes of the rows one CPU thread reduces at a time: about half of a server core's L2 (1-2 MiB), so the
+# exp, sums and gathers after the first read of a chunk hit the cache, not memory.
+CPU_CHUNK_BYTES = 1 << 20
+# Relative to the largest probability (e = 1), a tail below this may have lost terms below float32's smallest
+# normal (e^-87 each, at most V of them): such rows get their tail from a logsumexp with its own maximum instead.
+TINY_TAIL = 1e-24
+
 
 @dataclass(frozen=True)
 class CaptureSettings:
@@ -23,7 +40,7 @@ class CaptureSettings:
     sample_draws: int = 0  # D; 0 = no RS-KD samples
     sample_slots: int = 0  # S >= number of distinct ids drawn; 0 means S = D
     seed: int = 0
-    row_chunk: int = 1024  # rows of [N, V] processed at once, to bound float32 temporaries
+    row_chunk: int = 1024  # rows of [N, V] whose logits exist at once (the vLLM head; the reduction on a GPU)
 
     @property
     def slots(self) -> int:
@@ -37,19 +54,22 @@ def sample_seed(seed: int, split: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def draw_samples(logp: torch.Tensor, draws: int, slots: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_samples(weights: torch.Tensor, draws: int, slots: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """D draws with replacement from each row's distribution -> distinct ids by count desc, id asc.
 
-    logp: (N, V) float32 log-probs. Returns ids (N, S) int32 padded with -1 and counts (N, S) int32.
+    weights: (N, V), proportional to the probabilities (e.g. exp(x - max x)). Returns ids (N, S) int32 padded
+    with -1 and counts (N, S) int32. The weights go to torch.multinomial in float64: it sums them into a
+    cumulative distribution in their own dtype, and in float32 every id after the running sum nears 1 with a
+    probability below ~3e-8 would be lost (never drawn), and those near it distorted.
     """
-    n, vocab = logp.shape
-    drawn = torch.multinomial(logp.exp(), draws, replacement=True, generator=generator)  # (N, D)
+    n, vocab = weights.shape
+    drawn = torch.multinomial(weights.double(), draws, replacement=True, generator=generator)  # (N, D)
     drawn, _ = drawn.sort(dim=1)
     new = torch.ones_like(drawn, dtype=torch.bool)
     new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     group = new.long().cumsum(dim=1) - 1  # (N, D): index of each draw's distinct id within its row
-    counts = torch.zeros(n, draws, dtype=torch.long, device=logp.device).scatter_add_(1, group, torch.ones_like(group))
-    ids = torch.full((n, draws), -1, dtype=torch.long, device=logp.device).scatter_(1, group, drawn)
+    counts = torch.zeros(n, draws, dtype=torch.long, device=weights.device).scatter_add_(1, group, torch.ones_like(group))
+    ids = torch.full((n, draws), -1, dtype=torch.long, device=weights.device).scatter_(1, group, drawn)
     # Order distinct ids by count descending, then id ascending; padding (count 0) goes last.
     key = torch.where(counts > 0, (draws - counts) * vocab + ids, torch.full_like(ids, draws * vocab + vocab))
     order = key.argsort(dim=1)[:, :slots]
@@ -57,6 +77,38 @@ def draw_samples(logp: torch.Tensor, draws: int, slots: int, generator: torch.Ge
     if draws > slots and bool((counts.sum(dim=1) != draws).any()):
         raise ValueError(f"more than {slots} distinct ids drawn in a row; raise the sample slots to {draws}")
     return ids.int(), counts.int()
+
+
+def top_k(x: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x (n, V), sorted descending: values (n, k), ids (n, k) int64.
+
+    On CPU a two-level search, exact: the top k lie in the k blocks (of `block` consecutive ids) with the largest
+    maxima (a block holding one of them has a maximum at least as large, and only k - 1 entries are larger), so
+    the search runs over those k * block candidates (plus the ids past the last whole block) instead of all V.
+    Equal values may come out in another order than torch.topk's. On a GPU torch.topk itself.
+    """
+    n, vocab = x.shape
+    blocks = vocab // block
+    if x.device.type != "cpu" or blocks < 4 * k:
+        return x.topk(k, dim=1)
+    whole = blocks * block
+    grid = x[:, :whole].unflatten(1, (blocks, block))  # (n, V/block, block)
+    _, best = grid.amax(dim=2).topk(k, dim=1)  # (n, k) blocks with the largest maxima
+    cand = grid.gather(1, best[:, :, None].expand(n, k, block)).flatten(1)  # (n, k * block)
+    if whole < vocab:
+        cand = torch.cat([cand, x[:, whole:]], dim=1)  # the ids past the last whole block are always candidates
+    values, pos = cand.topk(k, dim=1)  # (n, k)
+    in_grid = pos < k * block
+    ids = best.gather(1, (pos // block).clamp(max=k - 1)) * block + pos % block
+    return values, torch.where(in_grid, ids, pos - k * block + whole)
+
+
+def reduction_rows(device: torch.device, vocab: int, row_chunk: int) -> int:
+    """Rows reduced at once: on CPU as many as fit the threads' caches (CPU_CHUNK_BYTES of float32 each), on a
+    GPU `row_chunk` (its kernels want many rows per launch)."""
+    if device.type != "cpu":
+        return row_chunk
+    return max(1, min(row_chunk, CPU_CHUNK_BYTES * torch.get_num_threads() // (4 * vocab)))
 
 
 def capture_rows(
@@ -69,33 +121,56 @@ def capture_rows(
       topk_ids (N, k) int32, topk_logprobs (N, k) in cs.logprob_dtype (both absent when k = 0), tail_logmass (N,) float32,
       target_logprob (N,) float32 (NaN where next_ids is -1), and with draws sample_ids (N, S) int32,
       sample_counts (N, S) int32.
+    The draws consume the generator row by row, so they do not depend on how the rows are chunked on CPU.
     """
+    rows = reduction_rows(logits.device, cs.vocab_size, cs.row_chunk)
+    buf = torch.empty(min(rows, logits.shape[0]), cs.vocab_size, dtype=torch.float32, device=logits.device)
     out: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, logits.shape[0], cs.row_chunk):
-        rows = logits[start : start + cs.row_chunk, : cs.vocab_size].float()  # padded vocab rows dropped
-        if cs.temperature != 1.0:
-            rows = rows / cs.temperature
-        logp = torch.log_softmax(rows, dim=-1)  # (n, V) float32
-        nxt = next_ids[start : start + cs.row_chunk]
-        target = logp.gather(1, nxt.clamp(min=0).unsqueeze(1)).squeeze(1)
-        target = torch.where(nxt >= 0, target, torch.full_like(target, float("nan")))
-        if cs.top_k:
-            top_lp, top_ids = logp.topk(cs.top_k, dim=-1, sorted=True)
-            parts = {
-                "topk_ids": top_ids.int(),
-                "topk_logprobs": top_lp.to(torch_dtype(cs.logprob_dtype)),
-                # The mass outside the top k, summed directly: 1 - sum(top-k) cancels catastrophically
-                # in float32 when the top k hold nearly everything.
-                "tail_logmass": torch.logsumexp(logp.scatter(1, top_ids, float("-inf")), dim=-1),
-            }
-        else:  # samples-only cache: everything is "tail", log 1 = 0 by definition (not a rounded logsumexp)
-            parts = {"tail_logmass": torch.zeros_like(target)}
-        parts["target_logprob"] = target
-        if cs.sample_draws:
-            parts["sample_ids"], parts["sample_counts"] = draw_samples(logp, cs.sample_draws, cs.slots, generator)
+    for start in range(0, logits.shape[0], rows):
+        x = logits[start : start + rows, : cs.vocab_size]  # padded vocab rows dropped
+        parts = _reduce(x, next_ids[start : start + rows], cs, generator, buf[: x.shape[0]])
         for name, t in parts.items():
             out.setdefault(name, []).append(t)
     return {name: torch.cat(ts) for name, ts in out.items()}
+
+
+def _reduce(x: torch.Tensor, nxt: torch.Tensor, cs: CaptureSettings, generator: torch.Generator | None,
+            buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`capture_rows` of n rows, x (n, V) raw logits, using buf (n, V) float32 as the one working buffer."""
+    buf.copy_(x)  # (n, V) float32
+    if cs.temperature != 1.0:
+        buf.div_(cs.temperature)
+    m = buf.amax(dim=1, keepdim=True)  # (n, 1)
+    buf.sub_(m)  # x - m <= 0: its top-k, and the target's entry, are the log-probs' up to the shift log s
+    target = buf.gather(1, nxt.clamp(min=0)[:, None])[:, 0]  # (n,)
+    if cs.top_k:
+        top, ids = top_k(buf, cs.top_k)  # (n, k)
+    buf.exp_()  # e = exp(x - m), in (0, 1]
+    log_s = buf.sum(dim=1).log()  # (n,) logsumexp(x) - m
+    parts = {}
+    if cs.sample_draws:
+        parts["sample_ids"], parts["sample_counts"] = draw_samples(buf, cs.sample_draws, cs.slots, generator)
+    if cs.top_k:
+        buf.scatter_(1, ids, 0.0)
+        tail = buf.sum(dim=1)  # (n,) the mass outside the top k, summed directly (relative to e^m)
+        tail_logmass = tail.log() - log_s
+        tiny = (tail < TINY_TAIL) & (cs.top_k < cs.vocab_size)
+        if bool(tiny.any()):
+            tail_logmass[tiny] = _exact_tail(x[tiny], ids[tiny], cs.temperature) - (m[tiny, 0] + log_s[tiny])
+        parts["topk_ids"] = ids.int()
+        parts["topk_logprobs"] = (top - log_s[:, None]).to(torch_dtype(cs.logprob_dtype))
+        parts["tail_logmass"] = tail_logmass
+    else:  # samples-only cache: everything is "tail", log 1 = 0 by definition (not a rounded logsumexp)
+        parts["tail_logmass"] = torch.zeros_like(log_s)
+    target = target - log_s
+    parts["target_logprob"] = torch.where(nxt >= 0, target, torch.full_like(target, float("nan")))
+    return parts
+
+
+def _exact_tail(x: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log of the sum of exp(x / T) outside `ids`, each row with its own maximum (rows whose tail is tiny)."""
+    z = x.float() / temperature if temperature != 1.0 else x.float()
+    return torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=1)
 
 
 def to_numpy(t: torch.Tensor):
