@@ -35,7 +35,8 @@ ENGINE = [pytest.mark.vllm, pytest.mark.integration]
 
 
 def vllm_settings(teacher: Path, **kw) -> BuildSettings:
-    base = dict(teacher=str(teacher), corpus=[], out="", backend="vllm", top_k=K, seq_len=512,
+    # float32, as the transformers side of every comparison here (--dtype auto is bf16 on CPUs with bf16).
+    base = dict(teacher=str(teacher), corpus=[], out="", backend="vllm", top_k=K, seq_len=512, dtype="float32",
                 vllm={"kv_cache_gib": 1, "max_num_batched_tokens": STEP_TOKENS})
     base.update(kw)
     return BuildSettings(**base)
@@ -172,7 +173,7 @@ def test_vllm_build_equals_the_transformers_build(teacher_dir, tmp_path_factory)
         (corpus / f"{name}.txt").write_text((Path(os.__file__).parent / name).read_text()[:2500])
     common = dict(teacher=str(tiny), corpus=[str(corpus)], top_k=8, seq_len=256, packing=True, txt_split="paragraphs",
                   sample_draws=16, hidden_layers=[1, -1], hidden_dtype="fp16", shard_tokens=400,
-                  max_batch_tokens=512, progress=False)
+                  max_batch_tokens=512, progress=False, dtype="float32")
     hf = run_build(BuildSettings(out=str(tmp / "hf"), **common))
     vl = run_build(BuildSettings(out=str(tmp / "vllm"), backend="vllm",
                                  vllm={"kv_cache_gib": 1, "max_num_batched_tokens": 96}, **common))
