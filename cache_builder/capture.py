@@ -79,28 +79,38 @@ def draw_samples(weights: torch.Tensor, draws: int, slots: int, generator: torch
     return ids.int(), counts.int()
 
 
-def top_k(x: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(x: torch.Tensor, k: int, block: int = 64, sub: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of x (n, V), sorted descending: values (n, k), ids (n, k) int64.
 
-    On CPU a two-level search, exact: the top k lie in the k blocks (of `block` consecutive ids) with the largest
-    maxima (a block holding one of them has a maximum at least as large, and only k - 1 entries are larger), so
-    the search runs over those k * block candidates (plus the ids past the last whole block) instead of all V.
-    Equal values may come out in another order than torch.topk's. On a GPU torch.topk itself.
+    On CPU a search by levels, exact: the top k lie in the k blocks (of `block` consecutive ids) with the largest
+    maxima (a block holding one of them has a maximum at least as large, and only k - 1 entries are larger); the
+    same holds for the sub-blocks of `sub` ids within those, so torch.topk runs over k * sub candidates (plus the
+    ids past the last whole block) instead of all V. Equal values may come out in another order than torch.topk's.
+    On a GPU torch.topk itself.
     """
     n, vocab = x.shape
     blocks = vocab // block
     if x.device.type != "cpu" or blocks < 4 * k:
         return x.topk(k, dim=1)
-    whole = blocks * block
+    whole, per = blocks * block, k * block // sub
+    rows = torch.arange(n, device=x.device)[:, None]
     grid = x[:, :whole].unflatten(1, (blocks, block))  # (n, V/block, block)
-    _, best = grid.amax(dim=2).topk(k, dim=1)  # (n, k) blocks with the largest maxima
-    cand = grid.gather(1, best[:, :, None].expand(n, k, block)).flatten(1)  # (n, k * block)
-    if whole < vocab:
-        cand = torch.cat([cand, x[:, whole:]], dim=1)  # the ids past the last whole block are always candidates
+    _, best = grid.amax(dim=2).topk(k, dim=1)  # (n, k) the blocks with the largest maxima
+    if whole == vocab and x.is_contiguous():  # rows of (n * V/block, block), copied whole
+        cand = grid.flatten(0, 1).index_select(0, (best + rows * blocks).flatten())
+    else:
+        cand = grid[rows, best]  # (n, k, block)
+    cand = cand.reshape(n * per, sub)  # the k blocks' sub-blocks
+    _, best_sub = cand.view(n, per, sub).amax(dim=2).topk(k, dim=1)  # (n, k) the sub-blocks with the largest maxima
+    cand = cand.index_select(0, (best_sub + rows * per).flatten()).view(n, k * sub)
+    if whole < vocab:  # the ids past the last whole block are always candidates
+        cand = torch.cat([cand, x[:, whole:]], dim=1)
     values, pos = cand.topk(k, dim=1)  # (n, k)
-    in_grid = pos < k * block
-    ids = best.gather(1, (pos // block).clamp(max=k - 1)) * block + pos % block
-    return values, torch.where(in_grid, ids, pos - k * block + whole)
+    in_grid = pos < k * sub
+    at = torch.where(in_grid, pos, 0)
+    within = best_sub.gather(1, at // sub) * sub + at % sub  # (n, k) index among the k blocks' k * block ids
+    ids = best.gather(1, within // block) * block + within % block
+    return values, torch.where(in_grid, ids, pos - k * sub + whole)
 
 
 def reduction_rows(device: torch.device, vocab: int, row_chunk: int) -> int:
@@ -123,48 +133,55 @@ def capture_rows(
       sample_counts (N, S) int32.
     The draws consume the generator row by row, so they do not depend on how the rows are chunked on CPU.
     """
-    rows = reduction_rows(logits.device, cs.vocab_size, cs.row_chunk)
-    buf = torch.empty(min(rows, logits.shape[0]), cs.vocab_size, dtype=torch.float32, device=logits.device)
-    out: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, logits.shape[0], rows):
-        x = logits[start : start + rows, : cs.vocab_size]  # padded vocab rows dropped
-        parts = _reduce(x, next_ids[start : start + rows], cs, generator, buf[: x.shape[0]])
-        for name, t in parts.items():
-            out.setdefault(name, []).append(t)
-    return {name: torch.cat(ts) for name, ts in out.items()}
-
-
-def _reduce(x: torch.Tensor, nxt: torch.Tensor, cs: CaptureSettings, generator: torch.Generator | None,
-            buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`capture_rows` of n rows, x (n, V) raw logits, using buf (n, V) float32 as the one working buffer."""
-    buf.copy_(x)  # (n, V) float32
-    if cs.temperature != 1.0:
-        buf.div_(cs.temperature)
-    m = buf.amax(dim=1, keepdim=True)  # (n, 1)
-    buf.sub_(m)  # x - m <= 0: its top-k, and the target's entry, are the log-probs' up to the shift log s
-    target = buf.gather(1, nxt.clamp(min=0)[:, None])[:, 0]  # (n,)
-    if cs.top_k:
-        top, ids = top_k(buf, cs.top_k)  # (n, k)
-    buf.exp_()  # e = exp(x - m), in (0, 1]
-    log_s = buf.sum(dim=1).log()  # (n,) logsumexp(x) - m
-    parts = {}
-    if cs.sample_draws:
-        parts["sample_ids"], parts["sample_counts"] = draw_samples(buf, cs.sample_draws, cs.slots, generator)
-    if cs.top_k:
-        buf.scatter_(1, ids, 0.0)
-        tail = buf.sum(dim=1)  # (n,) the mass outside the top k, summed directly (relative to e^m)
+    n_all, k, vocab = logits.shape[0], cs.top_k, cs.vocab_size
+    device = logits.device
+    rows = reduction_rows(device, vocab, cs.row_chunk)
+    buf = torch.empty(min(rows, n_all), vocab, dtype=torch.float32, device=device)  # the one working buffer
+    # Per row, relative to its largest logit m: the top k, log s (s = sum of e = exp(x - m)), the tail's sum of e,
+    # the target's x - m. Filled chunk by chunk; the log-probs are formed once at the end.
+    top = torch.empty(n_all, k, device=device)
+    ids = torch.empty(n_all, k, dtype=torch.long, device=device)
+    m, log_s, tail, target = (torch.empty(n_all, device=device) for _ in range(4))
+    nxt = next_ids.clamp(min=0)[:, None]  # (N, 1)
+    samples = []
+    for start in range(0, n_all, rows):
+        end = min(start + rows, n_all)
+        e = buf[: end - start]
+        e.copy_(logits[start:end, :vocab])  # (n, V) float32; padded vocabulary rows dropped
+        if cs.temperature != 1.0:
+            e.div_(cs.temperature)
+        if k:  # the top-k of the raw logits is the top-k of the log-probs (a shift apart)
+            top[start:end], ids[start:end] = top_k(e, k)
+            m[start:end] = top[start:end, 0]
+        else:
+            m[start:end] = e.amax(dim=1)
+        e.sub_(m[start:end, None])  # x - m <= 0
+        target[start:end] = e.gather(1, nxt[start:end])[:, 0]
+        e.exp_()  # e = exp(x - m), in (0, 1]
+        if cs.sample_draws:
+            samples.append(draw_samples(e, cs.sample_draws, cs.slots, generator))
+        if k:
+            inside = e.gather(1, ids[start:end]).sum(dim=1)  # (n,)
+            e.scatter_(1, ids[start:end], 0.0)
+            tail[start:end] = e.sum(dim=1)  # the mass outside the top k, summed directly (relative to e^m)
+            log_s[start:end] = (tail[start:end] + inside).log()  # s = tail + top k: two positive parts, no cancellation
+        else:
+            log_s[start:end] = e.sum(dim=1).log()
+    out = {}
+    if k:
         tail_logmass = tail.log() - log_s
-        tiny = (tail < TINY_TAIL) & (cs.top_k < cs.vocab_size)
+        tiny = (tail < TINY_TAIL) & (k < vocab)
         if bool(tiny.any()):
-            tail_logmass[tiny] = _exact_tail(x[tiny], ids[tiny], cs.temperature) - (m[tiny, 0] + log_s[tiny])
-        parts["topk_ids"] = ids.int()
-        parts["topk_logprobs"] = (top - log_s[:, None]).to(torch_dtype(cs.logprob_dtype))
-        parts["tail_logmass"] = tail_logmass
+            tail_logmass[tiny] = _exact_tail(logits[tiny, :vocab], ids[tiny], cs.temperature) - (m + log_s)[tiny]
+        out["topk_ids"] = ids.int()
+        out["topk_logprobs"] = ((top - m[:, None]) - log_s[:, None]).to(torch_dtype(cs.logprob_dtype))
+        out["tail_logmass"] = tail_logmass
     else:  # samples-only cache: everything is "tail", log 1 = 0 by definition (not a rounded logsumexp)
-        parts["tail_logmass"] = torch.zeros_like(log_s)
-    target = target - log_s
-    parts["target_logprob"] = torch.where(nxt >= 0, target, torch.full_like(target, float("nan")))
-    return parts
+        out["tail_logmass"] = torch.zeros_like(log_s)
+    out["target_logprob"] = torch.where(next_ids >= 0, target - log_s, torch.nan)
+    if samples:
+        out["sample_ids"], out["sample_counts"] = (torch.cat(parts) for parts in zip(*samples))
+    return out
 
 
 def _exact_tail(x: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,9 +1,7 @@
-"""cache_builder.capture: the fused reduction against a float64 reference, its two-level top-k, the tiny-tail
+"""cache_builder.capture: the fused reduction against a float64 reference, its top-k by levels, the tiny-tail
 fallback, and RS-KD draws that neither depend on the row chunks nor lose improbable ids."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -49,7 +47,7 @@ def test_capture_is_within_float32_rounding_of_a_float64_computation(vocab, mode
 
 
 @pytest.mark.parametrize("vocab, k", [(49152, 64), (49152 + 37, 64), (10000, 1), (2000, 5)])
-def test_two_level_top_k_finds_what_torch_topk_finds(vocab, k):
+def test_top_k_by_levels_finds_what_torch_topk_finds(vocab, k):
     x = logits(30, vocab, seed=vocab)
     x[3, 100:] = float("-inf")  # fewer finite entries than blocks
     x[4, ::7] = 9.0  # many equal maxima
