@@ -1,7 +1,7 @@
 """Distillation losses, one per KD kind: student logits against the teacher fields a kdcache cache stores
 (formats/SPEC.md), each as a per-position row function and as a public loss (mean over masked positions).
-The CE/KD mix is student_trainer/kd_mix.py, the output-head loss in chunks head_loss.py, hidden-state
-alignment hidden_align.py.
+The CE/KD mix is student_trainer/kd_mix.py, the output-head loss in chunks head_loss.py (with the closed-form
+gradients of logit_grads.py), hidden-state alignment hidden_align.py.
 
 Notation (docstrings and shape comments)
     B  batch (sequences)              T  positions per sequence       V  vocabulary (student logits)
@@ -57,7 +57,7 @@ def upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
     """a * (log a - log b) elementwise, 0 where a = 0 (0 log 0 = 0); no NaN in value or gradient there."""
     zero = torch.isneginf(log_a)
     log_a = log_a.masked_fill(zero, 0.0)
@@ -116,7 +116,7 @@ def _student_buckets(z: Tensor, topk_ids: Tensor) -> Tensor:
     return torch.cat([z.gather(-1, topk_ids), log_tail], dim=-1) - lse  # (..., k + 1)
 
 
-def _teacher_buckets(topk_logprobs: Tensor, tail_logmass: Tensor, dtype: torch.dtype) -> Tensor:
+def teacher_buckets(topk_logprobs: Tensor, tail_logmass: Tensor, dtype: torch.dtype) -> Tensor:
     """log p on the k+1 buckets: (..., k) and (...) -> (..., k + 1), renormalised to sum to 1.
 
     Stored F16/BF16 log-probs may miss 1 by up to 3e-2 (SPEC.md); renormalising keeps every divergence a
@@ -134,7 +134,7 @@ def retemper(topk_logprobs: Tensor, tail_logmass: Tensor, ratio: float) -> tuple
     The tail is approximate: the true tempered tail is sum_{j not in K} p(j)^ratio, which is >= p_tail^ratio
     when ratio < 1 (T > T_c, so the tail is underestimated) and <= when ratio > 1. Shapes as given; float32.
     """
-    b = _teacher_buckets(topk_logprobs, tail_logmass, torch.promote_types(topk_logprobs.dtype, torch.float32))
+    b = teacher_buckets(topk_logprobs, tail_logmass, torch.promote_types(topk_logprobs.dtype, torch.float32))
     b = b * ratio  # (..., k + 1)
     b = b - torch.logsumexp(b, dim=-1, keepdim=True)  # (..., k + 1)
     return b[..., :-1], b[..., -1]
@@ -144,8 +144,8 @@ def retemper(topk_logprobs: Tensor, tail_logmass: Tensor, ratio: float) -> tuple
 
 
 def _fkl_ghost_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor) -> Tensor:
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
-    return _kl_terms(t, _student_buckets(z, topk_ids)).sum(-1)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    return kl_terms(t, _student_buckets(z, topk_ids)).sum(-1)
 
 
 def _fkl_renorm_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tensor:
@@ -153,19 +153,19 @@ def _fkl_renorm_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> Tens
     t = t - torch.logsumexp(t, dim=-1, keepdim=True)  # (..., k)
     s = z.gather(-1, topk_ids)
     s = s - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., k)
-    return _kl_terms(t, s).sum(-1)
+    return kl_terms(t, s).sum(-1)
 
 
 def _rskd_rows(z: Tensor, sample_ids: Tensor, sample_counts: Tensor) -> Tensor:
     c = sample_counts.to(z.dtype)  # (..., S)
     p_hat = c / c.sum(-1, keepdim=True).clamp_min(1.0)
     log_q = z.gather(-1, sample_ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # (..., S)
-    return _kl_terms(p_hat.log(), log_q).sum(-1)
+    return kl_terms(p_hat.log(), log_q).sum(-1)
 
 
 def _rkl_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor) -> Tensor:
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype).clamp_min(RKL_LOG_FLOOR)
-    return _kl_terms(_student_buckets(z, topk_ids), t).sum(-1)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype).clamp_min(RKL_LOG_FLOOR)
+    return kl_terms(_student_buckets(z, topk_ids), t).sum(-1)
 
 
 def _jsd_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, beta: float) -> Tensor:
@@ -173,23 +173,23 @@ def _jsd_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: 
         return _fkl_ghost_rows(z, topk_ids, topk_logprobs, tail_logmass)
     if beta == 1.0:
         return _rkl_rows(z, topk_ids, topk_logprobs, tail_logmass)
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
     s = _student_buckets(z, topk_ids)
     log_m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))  # (..., k + 1)
-    return beta * _kl_terms(t, log_m).sum(-1) + (1.0 - beta) * _kl_terms(s, log_m).sum(-1)
+    return beta * kl_terms(t, log_m).sum(-1) + (1.0 - beta) * kl_terms(s, log_m).sum(-1)
 
 
 def _skew_kl_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, skew: float) -> Tensor:
     if skew == 0.0:
         return _fkl_ghost_rows(z, topk_ids, topk_logprobs, tail_logmass)
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
     s = _student_buckets(z, topk_ids)
     log_m = torch.logaddexp(t + math.log(skew), s + math.log1p(-skew))  # (..., k + 1)
-    return _kl_terms(t, log_m).sum(-1)
+    return kl_terms(t, log_m).sum(-1)
 
 
 def _tvd_rows(z: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor) -> Tensor:
-    t = _teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
+    t = teacher_buckets(topk_logprobs, tail_logmass, z.dtype)
     return 0.5 * (t.exp() - _student_buckets(z, topk_ids).exp()).abs().sum(-1)
 
 
