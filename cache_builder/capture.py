@@ -3,15 +3,16 @@
 Shared by both backends (transformers and vLLM) so they write the same content. Notation: N = positions
 (rows), V = real vocabulary, k = top-k, D = RS-KD draws, S = sample slots.
 
-The reduction is one pass of exp over each row, on the raw logits where that is exact: with m the row's
-largest logit and e = exp(x - m), the top-k of x is the top-k of the log-probs (log_softmax is x - m - log s,
-a shift), s = sum(e) gives log s once, the tail is the sum of e outside the top k (summed directly, never
-1 - sum(top k), which cancels when the top k hold nearly all the mass), the target is x[next] - m - log s,
-and the RS-KD draws are taken from e itself (`torch.multinomial` normalises its weights). Rows are reduced
-a few at a time on CPU, so the float32 buffer stays in the core's cache across these passes
-(`reduction_rows`); the top-k there is a two-level search (`top_k`). The vLLM route computes the logits
-`CaptureSettings.row_chunk` rows at a time and the transformers route one sequence at a time; either way
-this runs where the logits are. benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
+The reduction is one pass of exp over each row, on the raw logits where that is exact: the top-k of the logits
+is the top-k of the log-probs (log_softmax(x) = x - m - log s is a shift) and gives the row's maximum m too;
+e = exp(x - m) gives s = tail + top k and so log s once; the tail is the sum of e outside the top k, summed
+directly (never 1 - sum(top k), which cancels when the top k hold nearly all the mass; rows whose tail falls
+below float32's range relative to m get a logsumexp of their own); the target is x[next] - m - log s; the RS-KD
+draws come from e itself, in float64 (see `draw_samples`). All of it accumulates in float32. Rows are reduced a
+few at a time on CPU, so the float32 buffer stays in the core's caches across these passes (`reduction_rows`),
+and the top-k there is a search by levels (`top_k`). The vLLM route computes the logits
+`CaptureSettings.row_chunk` rows at a time and the transformers route one sequence at a time; either way this
+runs where the logits are. benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 
 from cache_builder.dtypes import torch_dtype
 
-# Float32 bytes of the rows one CPU thread reduces at a time: about half of a server core's L2 (1-2 MiB), so the
-# exp, sums and gathers after the first read of a chunk hit the cache, not memory.
-CPU_CHUNK_BYTES = 1 << 20
+# Float32 bytes of the rows one CPU thread reduces at a time: the passes after a chunk's first read (exp, sums,
+# gathers) then hit the core's caches, not memory, while each torch call still has enough rows to be worth its
+# overhead (benchmarks/RESULTS.md, "Transformers builder", has the sweep).
+CPU_CHUNK_BYTES = 4 << 20
 # Relative to the largest probability (e = 1), a tail below this may have lost terms below float32's smallest
 # normal (e^-87 each, at most V of them): such rows get their tail from a logsumexp with its own maximum instead.
 TINY_TAIL = 1e-24
