@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -36,7 +37,8 @@ def update_subsection(section: str, body: str) -> None:
 
 
 def processor() -> str:
-    """The CPU (lscpu's model name), its cores and its bf16 units, and the GPU if torch sees one."""
+    """The CPU (lscpu's model name), the cores this process may use and the CPU's bf16 units, and the GPU if a
+    benchmark that loaded torch sees one."""
     model, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -47,9 +49,8 @@ def processor() -> str:
     except OSError:
         pass
     units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
-    cpu = f"{os.cpu_count()}-core {model}" + (f" with {', '.join(units)}" if units else "")
-    import torch  # only the benchmarks that already loaded it call this
-
-    if torch.cuda.is_available():
+    cpu = f"{len(os.sched_getaffinity(0))}-core {model}" + (f" with {', '.join(units)}" if units else "")
+    torch = sys.modules.get("torch")  # not imported here: the benchmarks without torch stay fast to start
+    if torch is not None and torch.cuda.is_available():
         return f"GPU {torch.cuda.get_device_name()}; {cpu}"
     return cpu

@@ -34,6 +34,7 @@ class Batch:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, d) float32
     doc_index: torch.Tensor | None = None  # (B,) int64; -1 for the filler row of an empty batch
     num_tokens: int = 0  # real (unpadded) tokens in the batch
+    byte_offsets: torch.Tensor | None = None  # (B, T, 2) int64 when the cache has them; -1 in padding (xtok_align.py)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
         out = {}

@@ -17,7 +17,8 @@ from student_trainer.errors import LoaderError
 from student_trainer.memory import lend, map_sent, slot_array, take_slot
 
 
-def _layout(b: int, t: int, k: int, s_n: int, hidden: dict[int, int]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+def _layout(b: int, t: int, k: int, s_n: int, hidden: dict[int, int],
+            offsets: bool = False) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, shape, dtype) of every array of a collated batch of b rows padded to t (hidden: layer -> d)."""
     i64, f32 = np.dtype(np.int64), np.dtype(np.float32)
     out = [("input_ids", (b, t), i64), ("position_ids", (b, t), i64), ("labels", (b, t), i64),
@@ -26,6 +27,7 @@ def _layout(b: int, t: int, k: int, s_n: int, hidden: dict[int, int]) -> list[tu
     if s_n:
         out += [("sample_ids", (b, t, s_n), i64), ("sample_counts", (b, t, s_n), f32)]
     out += [(f"hidden/{layer}", (b, t, d), f32) for layer, d in hidden.items()]
+    out += [("byte_offsets", (b, t, 2), i64)] if offsets else []
     return out + [("doc_index", (b,), i64)]
 
 
@@ -35,7 +37,7 @@ def _shape_of(seqs: list[dict[str, np.ndarray]], hidden_layers: list[int], pad_t
     s_n = first["sample_ids"].shape[1] if "sample_ids" in first else 0
     hidden = {layer: first[f"hidden/{layer}"].shape[1] for layer in hidden_layers}
     k = first["topk_ids"].shape[1] if "topk_ids" in first else 0  # 0: a samples-only cache
-    return _layout(len(seqs), t, k, s_n, hidden)
+    return _layout(len(seqs), t, k, s_n, hidden, "byte_offsets" in first)
 
 
 def _half_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -49,6 +51,18 @@ def _half_into(dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
 
 
+def targets(seq: dict[str, np.ndarray]) -> np.ndarray:
+    """(n - 1,) bool: which of a sequence's tokens 1..n-1 are next-token targets: in the loss mask (when the cache
+    has one) and not the first token of the next packed document."""
+    ok = np.ones(max(len(seq["input_ids"]) - 1, 0), bool)
+    if "loss_mask" in seq:
+        ok &= seq["loss_mask"][1:].astype(bool)
+    p = seq.get("position_ids")
+    if p is not None:
+        ok &= p[1:] != 0  # the first token of the next packed document is not predicted
+    return ok
+
+
 def _fill(seqs: list[dict[str, np.ndarray]], out: dict[str, np.ndarray], hidden_layers: list[int]) -> None:
     """Write the sequences into the (uninitialised) arrays of `out`, padding included."""
     t = out["input_ids"].shape[1]
@@ -60,11 +74,7 @@ def _fill(seqs: list[dict[str, np.ndarray]], out: dict[str, np.ndarray], hidden_
         p = s.get("position_ids")
         out["position_ids"][r, :n] = np.arange(n) if p is None else p
         out["position_ids"][r, n:] = np.arange(t - n)  # padding is its own "document": nothing real attends to it
-        nxt_ok = np.ones(n - 1, bool)
-        if "loss_mask" in s:
-            nxt_ok &= s["loss_mask"][1:].astype(bool)
-        if p is not None:
-            nxt_ok &= p[1:] != 0  # the first token of the next packed document is not predicted
+        nxt_ok = targets(s)
         out["labels"][r, : n - 1] = np.where(nxt_ok, ids[1:], IGNORE_INDEX)
         out["labels"][r, max(n - 1, 0):] = IGNORE_INDEX
         if "topk_ids" in s:  # a samples-only cache (k = 0) has none: its batch holds (B, T, 0) tensors
@@ -86,6 +96,9 @@ def _fill(seqs: list[dict[str, np.ndarray]], out: dict[str, np.ndarray], hidden_
             _half_into(h[r, :n], s[f"hidden/{layer}"])
             h[r, n:] = 0
         out["doc_index"][r] = int(s["doc_index"])
+        if "byte_offsets" in out:
+            out["byte_offsets"][r, :n] = s["byte_offsets"]
+            out["byte_offsets"][r, n:] = -1
     np.not_equal(out["labels"], IGNORE_INDEX, out=out["kd_mask"])
 
 
@@ -96,7 +109,7 @@ def _as_batch(arrays: dict[str, torch.Tensor], num_tokens: int) -> Batch:
         tail_logmass=arrays["tail_logmass"], target_logprob=arrays["target_logprob"],
         sample_ids=arrays.get("sample_ids"), sample_counts=arrays.get("sample_counts"),
         hidden={int(n[7:]): a for n, a in arrays.items() if n.startswith("hidden/")},
-        doc_index=arrays["doc_index"], num_tokens=num_tokens,
+        doc_index=arrays["doc_index"], num_tokens=num_tokens, byte_offsets=arrays.get("byte_offsets"),
     )
 
 
@@ -124,7 +137,8 @@ def _filler_batch(fields: dict[str, FieldSpec], hidden_layers: list[int]) -> Bat
                  sample_ids=torch.full((1, 1, s_n), -1, dtype=torch.int64) if s_n else None,
                  sample_counts=torch.zeros(1, 1, s_n) if s_n else None,
                  hidden={layer: torch.zeros(1, 1, fields[f"hidden/{layer}"].shape[0]) for layer in hidden_layers},
-                 doc_index=torch.full((1,), -1), num_tokens=0)
+                 doc_index=torch.full((1,), -1), num_tokens=0,
+                 byte_offsets=torch.full((1, 1, 2), -1) if "byte_offsets" in fields else None)
 
 
 _ALIGN = 64

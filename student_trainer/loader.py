@@ -5,7 +5,8 @@ The pipeline is torchdata.nodes: window tasks -> ParallelMapper (worker processe
 window each, in order, into one shared-memory buffer, reused once the trainer has let go of the window it
 held: `PackedBatches`) -> Unbatcher -> PinMemory -> Prefetcher. Workers open the cache themselves (spawned,
 never forked: zarr's event loop thread does not survive a fork). A worker that dies (SIGKILL, OOM) fails the
-epoch with a LoaderError (`WatchedMapper`).
+epoch with a LoaderError (`WatchedMapper`); workers ignore Ctrl-C, end with the trainer (student_trainer/workers.py),
+and are stopped when the batches are closed or dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from student_trainer.collate import PackedBatches
 from student_trainer.errors import LoaderError
 from student_trainer.memory import keep_freed_memory
 from student_trainer.order import Block, ResumeState, cache_id, check_resume, epoch_windows, list_blocks, rank_slice
+from student_trainer.workers import WorkerFn, sigint_blocked
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,9 @@ class EpochReader:
         node = IterableWrapper(self.tasks(epoch, start_step))
         watch = None
         if s.num_workers > 0:
-            node = watch = WatchedMapper(ParallelMapper(node, map_fn=_read_and_skip, num_workers=s.num_workers,
-                                                        in_order=True, method="process", multiprocessing_context="spawn"),
-                                         self.url)
+            mapper = ParallelMapper(node, map_fn=WorkerFn(_read_and_skip), num_workers=s.num_workers, in_order=True,
+                                    method="process", multiprocessing_context="spawn")
+            node = watch = WatchedMapper(mapper, self.url)
         else:
             node = ParallelMapper(node, map_fn=_read_and_skip, num_workers=0, in_order=True)
         node = Unbatcher(node)
@@ -155,17 +157,22 @@ class EpochReader:
 
 def _plain_errors(batches: Iterator[Batch], watch: "WatchedMapper | None") -> Iterator[Batch]:
     """The batches, but a dead worker surfaces as the watch's one-line LoaderError: torchdata's prefetch
-    thread re-raises it wrapped in a multi-line traceback text."""
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except LoaderError:
-            if watch is not None and watch.error:
-                raise LoaderError(watch.error) from None
-            raise
-        yield batch
+    thread re-raises it wrapped in a multi-line traceback text. Closed (or dropped) before the epoch's end, say
+    by Ctrl-C in the trainer, it stops the workers at once."""
+    try:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except LoaderError:
+                if watch is not None and watch.error:
+                    raise LoaderError(watch.error) from None
+                raise
+            yield batch
+    finally:
+        if watch is not None:
+            watch.stop()
 
 
 def _read_and_skip(item: tuple[WindowTask, int]) -> PackedBatches:
@@ -197,7 +204,8 @@ class WatchedMapper(BaseNode):
         super().reset(initial_state)
         # The mapper starts its worker processes inside reset: they are the children that appear during it.
         before = set(multiprocessing.active_children())
-        self.mapper.reset(initial_state)
+        with sigint_blocked():  # Ctrl-C is the trainer's: it stops the workers (student_trainer/workers.py)
+            self.mapper.reset(initial_state)
         self._workers = [p for p in multiprocessing.active_children() if p not in before]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-loader-watch")
@@ -211,7 +219,7 @@ class WatchedMapper(BaseNode):
                 pass
             dead = [p for p in self._workers if p.exitcode not in (None, 0)]
             if dead:
-                self._stop()
+                self.stop()
                 p = dead[0]
                 self.error = (f"{self.url}: loader worker process {p.pid} died with exit code {p.exitcode} "
                               f"({_exit_reason(p.exitcode)}); the windows it held are lost, so the epoch cannot go on")
@@ -220,14 +228,15 @@ class WatchedMapper(BaseNode):
     def get_state(self) -> dict:
         return self.mapper.state_dict()
 
-    def _stop(self) -> None:
-        """Stop the other workers and the mapper's threads (the helper thread's `next` then ends)."""
+    def stop(self) -> None:
+        """Stop the workers and the mapper's threads (the helper thread's `next` then ends); again: nothing."""
         for p in self._workers:
             if p.exitcode is None:
                 p.kill()
         _stop_mapper_threads(self.mapper)
-        self._pool.shutdown(wait=False)
-        self._pool = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 def _stop_mapper_threads(mapper: ParallelMapper) -> None:

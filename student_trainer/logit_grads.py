@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from student_trainer.buckets import kl_terms, teacher_buckets
 from student_trainer.kd_mix import Mix
-from student_trainer.losses import kl_terms, teacher_buckets, weighted_sum
+from student_trainer.losses import weighted_sum
 
 FUSED_KINDS = ("fkl_ghost", "rskd")
 

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 
 from student_trainer.batch import IGNORE_INDEX
+from student_trainer.buckets import kl_terms, teacher_buckets
+from student_trainer.xtok_losses import XTOK_LOSSES
 
 # Reverse KL divides by p: a bucket the teacher gives no mass (tail_logmass = -inf, or an F16 log-prob that
 # underflowed) would make it infinite. Such buckets are floored at the smallest normal float32.
@@ -55,13 +57,6 @@ RKL_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3
 def upcast(x: Tensor) -> Tensor:
     """float32, or float64 when it already is (the reference tests run in float64)."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """a * (log a - log b) elementwise, 0 where a = 0 (0 log 0 = 0); no NaN in value or gradient there."""
-    zero = torch.isneginf(log_a)
-    log_a = log_a.masked_fill(zero, 0.0)
-    return torch.where(zero, 0.0, log_a.exp() * (log_a - log_b))
 
 
 def position_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -114,16 +109,6 @@ def _student_buckets(z: Tensor, topk_ids: Tensor) -> Tensor:
     outside = z.scatter(-1, topk_ids, torch.finfo(z.dtype).min)  # (..., V)
     log_tail = torch.logsumexp(outside, dim=-1, keepdim=True)  # (..., 1)
     return torch.cat([z.gather(-1, topk_ids), log_tail], dim=-1) - lse  # (..., k + 1)
-
-
-def teacher_buckets(topk_logprobs: Tensor, tail_logmass: Tensor, dtype: torch.dtype) -> Tensor:
-    """log p on the k+1 buckets: (..., k) and (...) -> (..., k + 1), renormalised to sum to 1.
-
-    Stored F16/BF16 log-probs may miss 1 by up to 3e-2 (SPEC.md); renormalising keeps every divergence a
-    divergence between distributions (for F32 caches it changes nothing beyond rounding).
-    """
-    b = torch.cat([topk_logprobs.to(dtype), tail_logmass.to(dtype)[..., None]], dim=-1)
-    return b - torch.logsumexp(b, dim=-1, keepdim=True)
 
 
 def retemper(topk_logprobs: Tensor, tail_logmass: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
@@ -329,6 +314,7 @@ KD_LOSSES: dict[str, Callable[[Tensor, dict, Any], Tensor]] = {
     "jsd": lambda z, f, c: _jsd_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"], c.beta),
     "skew_kl": lambda z, f, c: _skew_kl_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"], c.skew),
     "tvd": lambda z, f, c: _tvd_rows(z, f["topk_ids"], f["topk_logprobs"], f["tail_logmass"]),
+    **XTOK_LOSSES,  # uld, byte_align: a student with another tokenizer (its topk_ids are student ids, xtok_align.py)
 }
 _GHOST_FIELDS = ("topk_ids", "topk_logprobs", "tail_logmass")
 # kind -> the teacher fields its loss reads.

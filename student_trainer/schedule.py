@@ -92,7 +92,9 @@ def scheduled_values(schedules: Mapping[str, object], phases: list[dict], step: 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """The peak learning rate's multiplier at `step`: linear warmup over `warmup_steps`, then a cosine decay that
-    reaches `min_lr_ratio` at `steps` and stays there."""
+    reaches `min_lr_ratio` at `steps` and stays there. The warmup is capped at `steps`: a run shorter than its
+    warmup (5 steps against the default 10) still reaches the peak rate, at its last step."""
+    warmup_steps = min(warmup_steps, steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     frac = (step - warmup_steps) / max(1, steps - warmup_steps)

@@ -1,17 +1,22 @@
-"""The student model: any HF causal-LM folder, or one derived from the teacher with fewer layers; and the device
-it runs on."""
+"""The student model: any HF causal-LM folder, or one derived from the teacher with fewer layers; the device it
+runs on; the Hugging Face folder a run publishes."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
 from formats.errors import KdError
+from student_trainer.errors import write_failure
 
 
 class StudentError(KdError):
@@ -111,3 +116,22 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
         del teacher
     return student, tokenizer, {"teacher_dir": str(teacher_dir), "layers": layers, "hidden": config.hidden_size,
                                 "copied_layers": uniform_layers(n_teacher, layers) if same_width else []}
+
+
+def save_student(folder: Path, model, tokenizer, info: dict) -> None:
+    """Publish `model` and `tokenizer` as a Hugging Face folder (safetensors) with `info` in kdcache_student.json:
+    written under a temporary name and renamed, so `folder` is whole or absent. A failed write (a full disk) is a
+    StudentError and leaves no temporary folder."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kdcache_student.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)  # the previous final folder of this same run
+        os.rename(tmp, folder)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StudentError(f"{folder}: could not write the student ({write_failure(e)}); no temporary files are "
+                           "left") from None

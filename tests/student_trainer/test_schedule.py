@@ -52,3 +52,9 @@ def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr_rat
 
     assert [factor(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert [factor(i) for i in (10, 60, 110, 500)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+
+
+def test_a_run_shorter_than_its_warmup_still_reaches_the_peak_learning_rate():
+    # 5 steps against the default 10 warmup steps: uncapped, the rate would stop at half its peak.
+    assert [lr_factor(i, 5, 10, 0.1) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert TrainSettings().warmup_steps == 10 and lr_factor(0, 1, 10, 0.1) == 1.0

@@ -28,7 +28,8 @@ from student_trainer.student import student_from_teacher, uniform_layers
 from student_trainer.train import DistillModel, train
 from tests.cache_builder.tiny_teacher import TOKENIZER_FILES, make_tiny_teacher
 
-METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece"}
+METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece", "bpb",
+               "aligned_fraction"}
 
 
 def metrics(out: Path) -> list[dict]:
