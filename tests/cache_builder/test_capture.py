@@ -80,7 +80,8 @@ def test_draws_and_records_do_not_depend_on_the_row_chunks(monkeypatch):
     x = logits(300, 3000)
     next_ids = torch.arange(300) % 3000
     cs = CaptureSettings(top_k=4, vocab_size=3000, sample_draws=30)
-    assert reduction_rows(x.device, 3000, cs.row_chunk) < 300  # several chunks on CPU
+    monkeypatch.setattr(capture, "CPU_CHUNK_BYTES", 70 * 4 * 3000 // torch.get_num_threads())  # chunks of ~70 rows
+    assert reduction_rows(x.device, 3000, cs.row_chunk) < 100  # several chunks, not aligned with the calls' 100 rows
     chunked = capture_rows(x, next_ids, cs, torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)  # one generator through three calls, as the vLLM worker does
     pieces = [capture_rows(x[r : r + 100], next_ids[r : r + 100], cs, gen) for r in range(0, 300, 100)]
