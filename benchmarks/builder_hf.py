@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="passes over the batches, forward and capture alternating")
     ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # other jobs on a shared machine: named beside the figures
 
     import torch
     from transformers import AutoTokenizer
@@ -151,6 +152,7 @@ def main() -> None:
         table = "\n".join(f"| {k} | {v} |" for k, v in figures.items())
         update_subsection("Transformers builder", f"### {machine}: {teacher.dtype}\n\nCommand: `{cmd.strip()}`  \n"
                           f"Teacher on {teacher.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                          f"load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after, "
                           f"{platform.machine()}; top-k {args.top_k}, draws {args.sample_draws}.\n\n"
                           f"| figure | value |\n|---|---|\n{table}\n")
     print(json.dumps(figures))

@@ -4,8 +4,9 @@
         [--teacher default] [--precision fp32|bf16] [--compile] [--modes ce_plain,kd_topk,...]
 
 Teacher: the demo teacher (SmolLM2-135M-Instruct, vocab 49152), or the folder `--teacher` names (e.g. one from
-benchmarks/random_teacher.py); student: `--layers` layers derived from it (`student_from_teacher`). A small cache (top-k 64 log-probs, tail, 50 RS-KD draws) is built first by
-the real builder over stdlib source; its first `--batch`-sequence batches are collated once and held in memory,
+benchmarks/random_teacher.py); student: `--layers` layers derived from it (`student_from_teacher`). A small cache
+(top-k 64 log-probs, tail, 50 RS-KD draws; or the one `--cache` names) is built first by the real builder over stdlib
+source; its first `--batch`-sequence batches are collated once and held in memory,
 so every mode below trains on the same student shape and the very same batches, and the figures are the step
 itself (forward, loss, backward, clip, AdamW), not data loading (benchmarks/loader.py measures that).
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -202,6 +204,7 @@ def main() -> None:
     p.add_argument("--student", help=argparse.SUPPRESS)  # the derived student's folder, shared with the subprocesses
     p.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = p.parse_args()
+    load_before = os.getloadavg()[0]  # other jobs on a shared machine: named beside the figures
     names = args.modes.split(",")
     if set(names) - set(MODES) or "ce_plain" not in names:
         p.error(f"--modes must name modes of {', '.join(MODES)} and include ce_plain (the baseline)")
@@ -250,7 +253,8 @@ def main() -> None:
         f"`.venv/bin/python benchmarks/trainer_step.py {' '.join(argv)}`".replace(" `", "`"),
         "",
         f"- device {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; "
-        f"modes interleaved in {args.rounds} rounds, median step time",
+        f"modes interleaved in {args.rounds} rounds, median step time; load average {load_before:.1f} before the "
+        f"run, {os.getloadavg()[0]:.1f} after",
         f"- student: {args.layers} layers derived from {teacher}; batch {args.batch} x up to {args.seq_len} "
         f"tokens; cache top-k 64 + tail, 50 RS-KD draws; AdamW, clip 1.0; {setting}",
         "",

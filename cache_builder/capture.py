@@ -9,10 +9,9 @@ e = exp(x - m) gives s = tail + top k and so log s once; the tail is the sum of 
 directly (never 1 - sum(top k), which cancels when the top k hold nearly all the mass; rows whose tail falls
 below float32's range relative to m get a logsumexp of their own); the target is x[next] - m - log s; the RS-KD
 draws come from e itself, in float64 (see `draw_samples`). All of it accumulates in float32. Rows are reduced a
-few at a time on CPU, so the float32 buffer stays in the core's caches across these passes (`reduction_rows`),
-and the top-k there is a search by levels (`top_k`). The vLLM route computes the logits
-`CaptureSettings.row_chunk` rows at a time and the transformers route one sequence at a time; either way this
-runs where the logits are. benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
+few hundred at a time on CPU into one reused float32 buffer (`reduction_rows`), and the top-k there is a search by
+levels (`top_k`). The vLLM route computes the logits `CaptureSettings.row_chunk` rows at a time and the
+transformers route one sequence at a time; either way this runs where the logits are. benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
 """
 
 from __future__ import annotations
@@ -24,10 +23,11 @@ import torch
 
 from cache_builder.dtypes import torch_dtype
 
-# Float32 bytes of the rows one CPU thread reduces at a time: the passes after a chunk's first read (exp, sums,
-# gathers) then hit the core's caches, not memory, while each torch call still has enough rows to be worth its
-# overhead (benchmarks/RESULTS.md, "Transformers builder", has the sweep).
-CPU_CHUNK_BYTES = 4 << 20
+# Float32 bytes of the rows one CPU thread reduces at a time (at most row_chunk rows): the buffer is reused across
+# chunks, and each torch call gets enough rows to be worth its overhead and its threads' start. Of 1 to 128 MiB,
+# 32 MiB ran fastest on a 2-core machine shared with other jobs, where many short calls lose most to threads waiting
+# on each other (benchmarks/RESULTS.md, "Transformers builder", capture_sweep.py).
+CPU_CHUNK_BYTES = 32 << 20
 # Relative to the largest probability (e = 1), a tail below this may have lost terms below float32's smallest
 # normal (e^-87 each, at most V of them): such rows get their tail from a logsumexp with its own maximum instead.
 TINY_TAIL = 1e-24
@@ -116,8 +116,8 @@ def top_k(x: torch.Tensor, k: int, block: int = 64, sub: int = 8) -> tuple[torch
 
 
 def reduction_rows(device: torch.device, vocab: int, row_chunk: int) -> int:
-    """Rows reduced at once: on CPU as many as fit the threads' caches (CPU_CHUNK_BYTES of float32 each), on a
-    GPU `row_chunk` (its kernels want many rows per launch)."""
+    """Rows reduced at once: on CPU CPU_CHUNK_BYTES of float32 per thread, on a GPU `row_chunk` (its kernels want
+    many rows per launch); never more than `row_chunk`."""
     if device.type != "cpu":
         return row_chunk
     return max(1, min(row_chunk, CPU_CHUNK_BYTES * torch.get_num_threads() // (4 * vocab)))

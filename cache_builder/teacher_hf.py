@@ -22,9 +22,11 @@ from cache_builder.errors import BuildError
 from cache_builder.teacher import Job, resolve_device
 from cache_builder.teacher_folder import check_teacher_folder, describe_folder
 
-# On CPU a batch runs as forwards of at most this many padded tokens: a forward of 2048 tokens ran a 135M teacher
-# faster per token than one of 8192 (whose logits no longer fit the caches; benchmarks/RESULTS.md, "Transformers
-# builder"), and the build's progress bar moves every forward. A GPU runs the whole batch at once.
+# On CPU a batch runs as forwards of at most this many padded tokens, so the build's progress bar moves every
+# forward (with whole 8192-token batches it sat at 0% for over a minute). Its cost is not settled: the measurement
+# behind commit 1c8bfd7 found 2048-token forwards of the 135M teacher faster per token than 8192-token ones, while
+# on the same 2-core machine shared with other jobs they ran about half as fast (benchmarks/RESULTS.md,
+# "Transformers builder", capture_sweep.py). A GPU runs the whole batch at once.
 CPU_FORWARD_TOKENS = 2048
 
 
