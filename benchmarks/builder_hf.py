@@ -1,14 +1,17 @@
 """Capture throughput of the transformers backend against a bare forward pass, same model and batches.
 
-    python benchmarks/builder_hf.py [--teacher default] [--tokens 6000] [--top-k 64] [--sample-draws 0]
+    python benchmarks/builder_hf.py [--teacher default] [--tokens 6000] [--top-k 64] [--sample-draws 0] [--dtype auto]
 
 Both paths run the identical length-bucketed batches the builder makes. "forward" is
-`model(input_ids, attention_mask)` and nothing else; "capture" is the builder's per-batch work
-(forward + log-softmax/top-k/tail/target/samples on the device + copy of the compact records to host).
+`model(input_ids, attention_mask)` and nothing else; "capture" is the builder's per-batch work, `HFTeacher.run`
+(forward + top-k/tail/target/samples on the device + copy of the compact records to host).
 The two are timed batch by batch, alternating which goes first, so a machine whose load changes during
 the run biases neither. A full `run_build` of the same corpus (tokenizing, batching, writing shards in
-the background thread) is timed as well. Writes the figures to benchmarks/RESULTS.md; the last line
-printed is JSON with `capture_tok_s`, `forward_tok_s`, `ratio`.
+the background thread) is timed as well. `--dtype` is the teacher's compute dtype, as `kdcache build --dtype`
+(auto: bf16 on a GPU or a CPU with native bf16, else fp32). Writes the figures to the subsection of the
+processor and dtype in benchmarks/RESULTS.md ("Transformers builder"); the last line printed is JSON with
+`capture_tok_s`, `forward_tok_s`, `ratio`, `cpu_ratio` (the same ratio in this process's CPU seconds, which
+other jobs on a shared machine move less than wall time), `dtype`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import update_results  # noqa: E402
+from results import processor, update_subsection  # noqa: E402
 
 
 def stdlib_corpus(folder: Path, tokens: int) -> Path:
@@ -51,11 +54,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="teacher compute dtype: auto, float32, bfloat16, float16")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    ap.add_argument("--rounds", type=int, default=2, help="passes over the batches, forward and capture alternating")
     ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # other jobs on a shared machine: named beside the figures
 
     import torch
     from transformers import AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from cache_builder.build import bucketed_batches, resolve_teacher_path, run_build
     from cache_builder.capture import CaptureSettings
@@ -63,7 +73,7 @@ def main() -> None:
     from cache_builder.documents import CorpusOptions
     from cache_builder.settings import BuildSettings
     from cache_builder.teacher import Job
-    from cache_builder.teacher_hf import forward_records, load_hf_teacher
+    from cache_builder.teacher_hf import load_hf_teacher
     from formats.tokenizer import tokenizer_info
 
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
@@ -80,7 +90,7 @@ def main() -> None:
         jobs.append(Job(j, 0, q.input_ids, -1, j))
         total += len(q.input_ids)
     batches = bucketed_batches(jobs, args.max_batch_tokens)
-    teacher = load_hf_teacher(path, device=args.device)
+    teacher = load_hf_teacher(path, dtype=args.dtype, device=args.device)
     cs = CaptureSettings(top_k=args.top_k, vocab_size=tokenizer_info(tokenizer)["vocab_size"],
                          sample_draws=args.sample_draws)
 
@@ -98,50 +108,53 @@ def main() -> None:
         return out
 
     def capture(batch):
-        return forward_records(teacher, [j.ids for j in batch], [j.seed for j in batch], cs, [], "BF16")
+        return teacher.run(batch, cs, [], "BF16")
 
     forward(batches[-1])  # warm-up: allocator, kernels
-    t_fwd = t_cap = 0.0
-    for i, batch in enumerate(batches):
-        order = (forward, capture) if i % 2 == 0 else (capture, forward)
-        for fn in order:
-            t0 = time.perf_counter()
+    wall = {forward: 0.0, capture: 0.0}
+    cpu = {forward: 0.0, capture: 0.0}  # this process's CPU seconds: less moved by other jobs on a shared machine
+    for i, batch in enumerate(batches * args.rounds):
+        for fn in (forward, capture) if i % 2 == 0 else (capture, forward):
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(batch)
-            dt = time.perf_counter() - t0
-            if fn is forward:
-                t_fwd += dt
-            else:
-                t_cap += dt
-    fwd_tok_s, cap_tok_s = total / t_fwd, total / t_cap
+            wall[fn] += time.perf_counter() - t0
+            cpu[fn] += time.process_time() - c0
+    fwd_tok_s, cap_tok_s = total * args.rounds / wall[forward], total * args.rounds / wall[capture]
 
     out = tmp / "cache"
     t0 = time.perf_counter()
     run_build(BuildSettings(teacher=args.teacher, corpus=[str(corpus)], out=str(out), top_k=args.top_k,
                             sample_draws=args.sample_draws, seq_len=args.seq_len, max_batch_tokens=args.max_batch_tokens,
-                            device=args.device, progress=False))
+                            device=args.device, dtype=args.dtype, progress=False))
     build_s = time.perf_counter() - t0
     from formats.reader import open_cache
 
     built_tokens = open_cache(out).manifest.totals()["tokens"]
-    device = teacher.device if teacher.device == "cpu" else torch.cuda.get_device_name()
+    machine = processor()
     figures = {
         "capture_tok_s": round(cap_tok_s, 1),
         "forward_tok_s": round(fwd_tok_s, 1),
         "ratio": round(cap_tok_s / fwd_tok_s, 3),
+        "cpu_ratio": round(cpu[forward] / cpu[capture], 3),
         "build_end_to_end_tok_s": round(built_tokens / build_s, 1),
         "tokens": total,
         "batches": len(batches),
+        "dtype": teacher.dtype,
     }
-    print(f"teacher {args.teacher} on {device}: {total} tokens in {len(batches)} batches (top-k {args.top_k}, "
-          f"draws {args.sample_draws})")
+    print(f"teacher {args.teacher} on {teacher.device} ({machine}), {teacher.dtype}: {total} tokens in {len(batches)} "
+          f"batches (top-k {args.top_k}, draws {args.sample_draws}, {torch.get_num_threads()} threads)")
     print(f"bare forward   {fwd_tok_s:9.1f} tok/s")
-    print(f"capture        {cap_tok_s:9.1f} tok/s   ratio {cap_tok_s / fwd_tok_s:.3f} (goal >= 0.9)")
+    print(f"capture        {cap_tok_s:9.1f} tok/s   ratio {cap_tok_s / fwd_tok_s:.3f} (goal >= 0.9); in CPU seconds "
+          f"{figures['cpu_ratio']:.3f}")
     print(f"whole build    {built_tokens / build_s:9.1f} tok/s   ({built_tokens} tokens incl. model load, tokenizing, writing)")
     if not args.no_results:
         cmd = "python benchmarks/builder_hf.py " + " ".join(sys.argv[1:])
-        machine = f"{device}, {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
         table = "\n".join(f"| {k} | {v} |" for k, v in figures.items())
-        update_results("Transformers builder", f"Command: `{cmd.strip()}`  \nMachine: {machine}\n\n| figure | value |\n|---|---|\n{table}\n")
+        update_subsection("Transformers builder", f"### {machine}: {teacher.dtype}\n\nCommand: `{cmd.strip()}`  \n"
+                          f"Teacher on {teacher.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                          f"load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after, "
+                          f"{platform.machine()}; top-k {args.top_k}, draws {args.sample_draws}.\n\n"
+                          f"| figure | value |\n|---|---|\n{table}\n")
     print(json.dumps(figures))
 
 

@@ -1,6 +1,6 @@
 """vLLM builder throughput: plain prefill vs the prompt_logprobs route vs kdcache's capture, one engine.
 
-    .venv/bin/python benchmarks/builder_vllm.py [--teacher default] [--tokens 6144] [--top-k 20]
+    .venv/bin/python benchmarks/builder_vllm.py [--teacher default] [--tokens 6144] [--top-k 20] [--dtype auto] [--engine auto]
 
 One engine (started once, with the capture extension and `max_logprobs=k`) runs the same rows three
 ways, interleaved round by round so that load changes on the machine hit all three alike:
@@ -8,8 +8,9 @@ ways, interleaved round by round so that load changes on the machine hit all thr
   logprobs  `prompt_logprobs=k` with flat_logprobs=True, detokenize=False (`--vllm-capture logprobs`);
   capture   the hooks route (`--vllm-capture hooks`, the default): records made inside the engine.
 The rows are windows of `--seq-len` tokens cut from the text of Python standard library files.
-Prints the figures and ratios, updates the "vLLM builder" section of benchmarks/RESULTS.md, and ends
-with one JSON line: prefill_tok_s, logprobs_tok_s, capture_tok_s, ratio (capture / prefill).
+Prints the figures and ratios, updates the subsection of this processor, dtype and engine in the "vLLM
+builder" section of benchmarks/RESULTS.md, and ends with one JSON line: prefill_tok_s, logprobs_tok_s,
+capture_tok_s, ratio (capture / prefill), capture_over_logprobs (capture / logprobs), dtype, engine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import sysconfig
 import time
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import RESULTS, update_results  # noqa: E402
+from results import RESULTS, processor, update_subsection  # noqa: E402
 
 SECTION = "vLLM builder"
 
@@ -43,21 +43,6 @@ def corpus_rows(tokenizer, tokens: int, seq_len: int) -> list[np.ndarray]:
             if total >= tokens:
                 return rows
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{os.cpu_count()}-core CPU ({cpu}){gpu}"
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -83,13 +68,15 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     ap.add_argument("--rounds", type=int, default=6, help="rounds; each runs the three modes on its share of rows")
     ap.add_argument("--top-k", type=int, default=20, help="k of prompt_logprobs and of the capture")
-    ap.add_argument("--dtype", default="auto", help="teacher compute dtype (auto: fp32 on CPU, bf16 on GPU)")
+    ap.add_argument("--dtype", default="auto", help="teacher compute dtype, as kdcache build --dtype (auto: bf16 on a "
+                                                    "GPU or a CPU with native bf16, else float32)")
     ap.add_argument("--engine", default="auto", choices=("auto", "eager", "compiled"),
                     help="auto: as a build runs it (eager on CPU, compiled on GPU)")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV cache (GiB)")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_before = f"{os.getloadavg()[0]:.1f}"
 
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -153,9 +140,12 @@ def main() -> int:
     dtype = llm.llm_engine.model_config.dtype
     command = "python benchmarks/builder_vllm.py " + " ".join(sys.argv[1:])
     lines = [
+        f"### {processor()}: {str(dtype).removeprefix('torch.')}, {engine} engine",
+        "",
         f"`{command.strip()}`",
         "",
-        f"- machine: {machine()}; vLLM {vllm_version()}, engine {engine}, {dtype}, KV cache {args.kv_cache_gib} GiB",
+        f"- vLLM {vllm_version()}, engine {engine}, {dtype}, KV cache {args.kv_cache_gib} GiB, load average "
+        f"{load_before} before the run, {os.getloadavg()[0]:.1f} after",
         f"- teacher: {name}; corpus: {len(rows)} rows x {args.seq_len} tokens of Python stdlib source, "
         f"{tokens} tokens per mode in {args.rounds} interleaved rounds; top-k {args.top_k}; engine start {start_s:.0f} s",
         "",
@@ -176,10 +166,12 @@ def main() -> int:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        update_results(SECTION, "\n".join(lines))
+        update_subsection(SECTION, "\n".join(lines))
         print(f"updated {RESULTS}")
     print(json.dumps({"prefill_tok_s": round(tok_s["prefill"], 1), "logprobs_tok_s": round(tok_s["logprobs"], 1),
-                      "capture_tok_s": round(tok_s["capture"], 1), "ratio": round(ratio, 3)}))
+                      "capture_tok_s": round(tok_s["capture"], 1), "ratio": round(ratio, 3),
+                      "capture_over_logprobs": round(tok_s["capture"] / tok_s["logprobs"], 3),
+                      "dtype": str(dtype).removeprefix("torch."), "engine": engine}))
     return 0
 
 

@@ -1,14 +1,15 @@
-"""Peak memory of the chunked KD loss versus the naive one at a Qwen-sized vocabulary (V = 152064).
+"""Peak memory of the chunked KD loss versus the naive one at a Qwen-sized vocabulary (V = 152064, or --vocab).
 
-    .venv/bin/python benchmarks/loss_memory.py [--device cpu|cuda] [--batch 2 --seq 512 --hidden 896]
+    .venv/bin/python benchmarks/loss_memory.py [--device cpu|cuda] [--batch 2 --seq 512 --hidden 896] [--vocab V]
 
 What runs: one forward + backward of the training loss (default: fkl_ghost on the top-32 plus CE, alpha = 0.5)
 for a student whose final hidden states are hidden (B, T, H) and whose output embedding is W (V, H), both
 requiring gradients.
 - naive:   logits = hidden @ W.T, the full (B, T, V) float32 tensor, then `kd_loss(logits, ...)`; autograd keeps
            the logits and the (B, T, V) intermediates of the log-softmax-type reductions for backward.
-- chunked: `chunked_kd_loss(hidden, W, ..., chunk_tokens=C)`: logits for C tokens at a time, recomputed in
-           backward; grad W accumulated in place.
+- chunked: `chunked_kd_loss(hidden, W, ..., chunk_tokens=C)`: logits for C tokens at a time into one float32
+           buffer, which the closed-form gradient overwrites (student_trainer/logit_grads.py); grad W accumulated
+           in place.
 The script checks that both give the same loss and the same gradients w.r.t. hidden and W.
 
 How peak memory is measured: each variant runs in a fresh subprocess, so neither the other variant's buffers
@@ -21,12 +22,13 @@ weights excluded, the gradients of hidden and W included, since both variants mu
 - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before.
 
 Sizes: B=2, T=512, H=896 (Qwen2.5-0.5B's width) keep the naive variant at a few GB of host memory and the whole
-script at a few minutes on 2 CPU cores; real training batches are larger, which only helps the chunked variant
-(its extra memory does not grow with B*T). chunk_tokens defaults to 64 here, below the library's 128: at this
-small B*T the chunked variant's floor is grad W itself (0.51 GiB), and its per-chunk buffers (about
-6 * chunk_tokens * V * 4 bytes) must stay well under the naive variant's. The last line printed is JSON with
-chunked_peak_bytes, naive_peak_bytes and ratio; a section "Loss memory" in benchmarks/RESULTS.md is added or
-updated.
+script at a few minutes on 2 CPU cores. At this small B*T the chunked variant's floor is grad W itself (0.51 GiB
+at V = 152064, 0.14x of the naive peak), so its buffer must be small: --chunk-tokens 0 (the default) takes the
+library's memory-first rule, chunk logits no larger than the hidden states (`head_loss.auto_chunk_tokens`: 6
+tokens here), which reads W once per chunk and so runs slower than larger chunks (the seconds column; the
+trainer passes its own chunk_tokens, 256 by default). Real training batches are larger, which only helps the
+chunked variant. The last line printed is JSON with chunked_peak_bytes, naive_peak_bytes, ratio and
+chunk_tokens; the subsection of the device and vocabulary in "Loss memory" of benchmarks/RESULTS.md is updated.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import resource
 import subprocess
 import sys
@@ -47,12 +47,12 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from results import RESULTS, update_results  # noqa: E402  (benchmarks/results.py, shared by the benchmarks)
-from student_trainer.head_loss import chunked_kd_loss  # noqa: E402
+from results import processor, update_subsection  # noqa: E402  (benchmarks/results.py, shared by the benchmarks)
+from student_trainer.head_loss import auto_chunk_tokens, chunked_kd_loss  # noqa: E402
 from student_trainer.kd_mix import KDConfig, kd_loss  # noqa: E402
 
 SECTION = "Loss memory"
-TARGET_RATIO = 0.3
+TARGET_RATIO = 0.15
 
 
 def make_inputs(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -80,7 +80,7 @@ def step(variant: str, hidden, weight, fields, mask, cfg: KDConfig, chunk: int) 
     if variant == "naive":
         loss = kd_loss(hidden @ weight.T, mask, cfg, **fields)  # (B, T, V) logits
     else:
-        loss = chunked_kd_loss(hidden, weight, mask, cfg, chunk_tokens=chunk, **fields)
+        loss = chunked_kd_loss(hidden, weight, mask, cfg, chunk_tokens=chunk or None, **fields)
     loss.backward()
     return loss.detach()
 
@@ -132,30 +132,6 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return f"cuda: {torch.cuda.get_device_name()}"
-    model = platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        model = names[0] if names else model
-    return f"cpu: {model}, {torch.get_num_threads()} threads"
-
-
-def this_devices_section(text: str) -> str:
-    """The "Loss memory" section body: `text` for this device, other devices' subsections as they were."""
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    found = re.search(rf"^## {re.escape(SECTION)}\n(.*?)(?=^## |\Z)", old, re.S | re.M)
-    heading = text.splitlines()[0]
-    kept = []
-    if found:
-        for sub in re.split(r"^(?=### )", found.group(1), flags=re.M)[1:]:
-            if sub.splitlines()[0] != heading:
-                kept.append(sub.strip() + "\n")
-    return "\n".join(kept + [text])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,7 +142,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--kind", default="fkl_ghost")
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--chunk-tokens", type=int, default=64)
+    p.add_argument("--chunk-tokens", type=int, default=0, help="0: the library's default (auto_chunk_tokens)")
     p.add_argument("--dtype", default="float32", help="of hidden and W (the loss math is float32 regardless)")
     p.add_argument("--no-results", action="store_true", help="do not touch benchmarks/RESULTS.md")
     p.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
@@ -187,17 +163,19 @@ def main() -> None:
     ratio = c_peak / n_peak
     gib = 2.0**30
     b, t, v = args.batch, args.seq, args.vocab
+    itemsize = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    chunk = args.chunk_tokens or auto_chunk_tokens(b * t, args.hidden, itemsize, v)
     lines = [
-        f"### {device_name(args.device)}",
+        f"### {args.device}, V={v}: {processor()}, {torch.get_num_threads()} threads",
         "",
         f"_Measured {datetime.date.today().isoformat()}._",
         "",
         f"`.venv/bin/python benchmarks/loss_memory.py {' '.join(argv)}`".replace(" `", "`"),
         "",
         f"B={b}, T={t}, H={args.hidden}, V={v}, {args.dtype} inputs, kind={args.kind}, alpha={args.alpha}, "
-        f"top-k={args.topk}, chunk_tokens={args.chunk_tokens}, torch {torch.__version__}. "
+        f"top-k={args.topk}, chunk_tokens={chunk}{'' if args.chunk_tokens else ' (auto)'}, torch {torch.__version__}. "
         f"One (B, T, V) float32 tensor is {b * t * v * 4 / gib:.2f} GiB; grad W is "
-        f"{v * args.hidden * torch.finfo(getattr(torch, args.dtype)).bits // 8 / gib:.2f} GiB in both.",
+        f"{v * args.hidden * itemsize / gib:.2f} GiB in both.",
         "",
         "| variant | peak bytes (fwd+bwd, above inputs) | GiB | seconds |",
         "|---|---|---|---|",
@@ -213,8 +191,10 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_results:
-        update_results(SECTION, this_devices_section(text))
-    print(json.dumps({"chunked_peak_bytes": c_peak, "naive_peak_bytes": n_peak, "ratio": round(ratio, 4)}))
+        update_subsection(SECTION, text)
+    print(json.dumps({"chunked_peak_bytes": c_peak, "naive_peak_bytes": n_peak, "ratio": round(ratio, 4),
+                      "chunk_tokens": chunk, "chunked_seconds": round(res["chunked"]["seconds"], 1),
+                      "naive_seconds": round(res["naive"]["seconds"], 1)}))
     if not agree:
         sys.exit(1)
 

@@ -1,10 +1,12 @@
 """Cost of a distillation step from the cache, against a CE-only step and against online KD.
 
     .venv/bin/python benchmarks/trainer_step.py [--layers 4 --batch 4 --seq-len 256 --rounds 4]
+        [--teacher default] [--precision fp32|bf16] [--compile] [--modes ce_plain,kd_topk,...]
 
-Teacher: the demo teacher (SmolLM2-135M-Instruct, vocab 49152); student: the demo's, `--layers` layers derived
-from it (`student_from_teacher`). A small cache (top-k 64 log-probs, tail, 50 RS-KD draws) is built first by
-the real builder over stdlib source; its first `--batch`-sequence batches are collated once and held in memory,
+Teacher: the demo teacher (SmolLM2-135M-Instruct, vocab 49152), or the folder `--teacher` names (e.g. one from
+benchmarks/random_teacher.py); student: `--layers` layers derived from it (`student_from_teacher`). A small cache
+(top-k 64 log-probs, tail, 50 RS-KD draws; or the one `--cache` names) is built first by the real builder over stdlib
+source; its first `--batch`-sequence batches are collated once and held in memory,
 so every mode below trains on the same student shape and the very same batches, and the figures are the step
 itself (forward, loss, backward, clip, AdamW), not data loading (benchmarks/loader.py measures that).
 
@@ -15,6 +17,8 @@ Modes, one optimizer step each:
 - kd_topk:    our trainer, forward KL on the cached top-k with the tail as a ghost bucket (`fkl_ghost`).
 - kd_rskd:    our trainer, RS-KD on the cached samples (`rskd`).
 - online:     full-logit KD with the teacher in memory (benchmarks/online_kd.py): teacher forward + student.
+`--precision bf16` runs each step under bf16 autocast and `--compile` compiles the student's decoder, as
+`kdcache train --precision bf16 --compile` do.
 Time: modes run interleaved in `--rounds` rounds of `--steps` steps after one warm-up step each, all in one
 process; the figure is the median step time. Memory: each mode runs again in a fresh subprocess (a warm-up
 step, then `--steps` steps), and the figure is its peak resident memory (VmHWM, reset once the batches are
@@ -22,7 +26,8 @@ loaded) minus the resident memory at that point, so it counts weights, optimizer
 online KD, the teacher. On CUDA it is torch.cuda.max_memory_allocated instead.
 
 Last line: JSON with kd_over_ce_rskd, kd_over_ce_topk (step time / ce_plain's), online_over_offline_time and
-online_over_offline_memory (online / kd_topk), plus every mode's figures. Section "Trainer step" of RESULTS.md.
+online_over_offline_memory (online / kd_topk), plus every mode's figures (a ratio whose modes did not run is
+left out). Its subsection (device, precision, compile) of "Trainer step" in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -44,18 +49,18 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from loss_memory import rss_bytes  # noqa: E402
-from results import update_results  # noqa: E402
+from results import processor, update_subsection  # noqa: E402
 
 SECTION = "Trainer step"
 MODES = ("ce_plain", "ce_chunked", "kd_topk", "kd_rskd", "online")
 RSKD_GOAL = 1.10
 
 
-def build_cache(out: Path, tokens: int, seq_len: int) -> None:
+def build_cache(out: Path, tokens: int, seq_len: int, teacher: str) -> None:
     from kdcache.demo import stdlib_corpus
 
     corpus = stdlib_corpus(out.parent / "corpus", tokens * 4, (1_000, 20_000))  # ~4 characters per token
-    subprocess.run([sys.executable, "-m", "kdcache.cli", "build", "--teacher", "default", "--corpus", str(corpus),
+    subprocess.run([sys.executable, "-m", "kdcache.cli", "build", "--teacher", teacher, "--corpus", str(corpus),
                     "--out", str(out), "--top-k", "64", "--sample-draws", "50", "--seq-len", str(seq_len),
                     "--max-batch-tokens", "2048", "--no-progress"], check=True)
 
@@ -78,7 +83,8 @@ def load_batches(cache: str, batch: int, count: int) -> list:
 class Stepper:
     """One student, its optimizer and, for online KD, the teacher; `step(mode, batch)` runs one optimizer step."""
 
-    def __init__(self, cache: str, student_dir: str, device: torch.device, modes: tuple[str, ...]):
+    def __init__(self, cache: str, student_dir: str, device: torch.device, modes: tuple[str, ...],
+                 precision: str = "fp32", compile: bool = False):
         from transformers import AutoModelForCausalLM
 
         from formats.reader import open_cache
@@ -89,6 +95,9 @@ class Stepper:
         self.student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).train()
         self.model = DistillModel(self.student, None, self.vocab, chunk_tokens=256)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-5)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        if compile:
+            self.student.get_decoder().compile()  # as train.py does: in place, the output head outside the graph
         self.teacher = None
         if "online" in modes:
             from online_kd import load_teacher
@@ -101,13 +110,15 @@ class Stepper:
 
         if mode == "online":
             return online_step(self.student, self.teacher, batch, self.optimizer, vocab_size=self.vocab)["loss"]
-        if mode == "ce_plain":
-            logits = self.student(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[..., : self.vocab].float().flatten(0, 1),
-                                                     batch.labels.flatten(), ignore_index=-100)
-        else:
-            kind, alpha = {"ce_chunked": ("fkl_ghost", 1.0), "kd_topk": ("fkl_ghost", 0.0), "kd_rskd": ("rskd", 0.0)}[mode]
-            loss, _ = self.model(batch, KDConfig(kind=kind, alpha=alpha, vocab_size=self.vocab), 1.0, 0.0)
+        with self.autocast:
+            if mode == "ce_plain":
+                logits = self.student(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(logits[..., : self.vocab].float().flatten(0, 1),
+                                                         batch.labels.flatten(), ignore_index=-100)
+            else:
+                kind, alpha = {"ce_chunked": ("fkl_ghost", 1.0), "kd_topk": ("fkl_ghost", 0.0),
+                               "kd_rskd": ("rskd", 0.0)}[mode]
+                loss, _ = self.model(batch, KDConfig(kind=kind, alpha=alpha, vocab_size=self.vocab), 1.0, 0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         self.optimizer.step()
@@ -123,12 +134,14 @@ def sync(device: torch.device) -> None:
 def time_modes(args, device: torch.device) -> dict[str, float]:
     """Median seconds per step of each mode, modes interleaved round by round (shared-machine drift hits all)."""
     batches = [b.to(device) for b in load_batches(args.cache, args.batch, args.steps)]
-    stepper = Stepper(args.cache, args.student, device, MODES)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    for mode in MODES:  # warm-up: kernels, allocator, optimizer state
-        stepper.step(mode, batches[0])
+    modes = args.modes
+    stepper = Stepper(args.cache, args.student, device, modes, args.precision, args.compile)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for mode in modes:  # warm-up: kernels, allocator, optimizer state (and compilation)
+        for batch in batches if args.compile else batches[:1]:  # each batch shape compiles once
+            stepper.step(mode, batch)
     for r in range(args.rounds):
-        order = MODES if r % 2 == 0 else MODES[::-1]
+        order = modes if r % 2 == 0 else modes[::-1]
         for mode in order:
             for batch in batches:
                 sync(device)
@@ -165,7 +178,7 @@ def memory_of_mode(args, device: torch.device) -> int:
     else:
         reset_peak_rss()
         base = rss_bytes()
-    stepper = Stepper(args.cache, args.student, device, (args.memory_mode,))
+    stepper = Stepper(args.cache, args.student, device, (args.memory_mode,), args.precision, args.compile)
     for batch in [batches[0], *batches]:
         stepper.step(args.memory_mode, batch)
     if device.type == "cuda":
@@ -182,10 +195,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", help="an existing cache with RS-KD samples (default: build one)")
+    p.add_argument("--teacher", default="default", help="teacher folder the cache is built with (default: the demo's)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: steps under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student's decoder")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory runs (each a fresh process)")
     p.add_argument("--memory-mode", choices=MODES, help=argparse.SUPPRESS)  # subprocess side of the memory figure
     p.add_argument("--student", help=argparse.SUPPRESS)  # the derived student's folder, shared with the subprocesses
     p.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = p.parse_args()
+    load_before = os.getloadavg()[0]  # other jobs on a shared machine: named beside the figures
+    names = args.modes.split(",")
+    if set(names) - set(MODES) or "ce_plain" not in names:
+        p.error(f"--modes must name modes of {', '.join(MODES)} and include ce_plain (the baseline)")
+    args.modes = tuple(m for m in MODES if m in names)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.memory_mode:
         print(json.dumps({"peak_bytes": memory_of_mode(args, device)}))
@@ -195,7 +218,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="kdcache-step-"))
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # caches of hundreds of MB
         args.cache = str(tmp / "cache")
-        build_cache(Path(args.cache), args.batch * args.seq_len * (args.steps + 2), args.seq_len)
+        build_cache(Path(args.cache), args.batch * args.seq_len * (args.steps + 2), args.seq_len, args.teacher)
     if not args.student:  # derive the student once: deriving loads the whole teacher, which no mode should count
         from formats.reader import open_cache
         from student_trainer.student import student_from_teacher
@@ -207,41 +230,51 @@ def main() -> None:
         del student
     seconds = time_modes(args, device)
     memory = {}
-    for mode in MODES:
+    for mode in () if args.no_memory else args.modes:
         cmd = [sys.executable, __file__, "--memory-mode", mode, "--cache", args.cache, "--student", args.student,
-               "--batch", str(args.batch), "--steps", str(args.steps), "--device", str(device)]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--device", str(device),
+               "--precision", args.precision, *(["--compile"] if args.compile else [])]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         memory[mode] = json.loads(out.strip().splitlines()[-1])["peak_bytes"]
-    figures = {
-        "kd_over_ce_rskd": round(seconds["kd_rskd"] / seconds["ce_plain"], 3),
-        "kd_over_ce_topk": round(seconds["kd_topk"] / seconds["ce_plain"], 3),
-        "online_over_offline_time": round(seconds["online"] / seconds["kd_topk"], 3),
-        "online_over_offline_memory": round(memory["online"] / memory["kd_topk"], 3),
-        "step_seconds": {m: round(s, 4) for m, s in seconds.items()},
-        "peak_bytes": memory,
-    }
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    rows = [f"| {m} | {seconds[m]:.3f} | {seconds[m] / seconds['ce_plain']:.3f} | {memory[m] / 2**20:.0f} |" for m in MODES]
+    ratios = {"kd_over_ce_rskd": ("kd_rskd", "ce_plain"), "kd_over_ce_topk": ("kd_topk", "ce_plain"),
+              "online_over_offline_time": ("online", "kd_topk")}
+    figures = {name: round(seconds[a] / seconds[b], 3) for name, (a, b) in ratios.items() if a in seconds and b in seconds}
+    if "online" in memory and "kd_topk" in memory:
+        figures["online_over_offline_memory"] = round(memory["online"] / memory["kd_topk"], 3)
+    figures.update(step_seconds={m: round(s, 4) for m, s in seconds.items()}, peak_bytes=memory,
+                   precision=args.precision, compile=args.compile)
+    teacher = open_cache_manifest(args.cache).teacher.get("name", args.teacher)
+    setting = f"{args.precision}{', compiled' if args.compile else ''}"
+    rows = [f"| {m} | {seconds[m]:.3f} | {seconds[m] / seconds['ce_plain']:.3f} | "
+            f"{f'{memory[m] / 2**20:.0f}' if m in memory else 'not run'} |" for m in args.modes]
     body = "\n".join([
+        f"### {processor() if device.type == 'cpu' else torch.cuda.get_device_name()}: {setting}",
+        "",
         f"`.venv/bin/python benchmarks/trainer_step.py {' '.join(argv)}`".replace(" `", "`"),
         "",
-        f"- device: {name}, torch {torch.__version__}; shared machine: modes interleaved in {args.rounds} rounds, "
-        "median step time",
-        f"- student: {args.layers} layers derived from SmolLM2-135M-Instruct; batch {args.batch} x up to {args.seq_len} "
-        f"tokens; cache top-k 64 + tail, 50 RS-KD draws; AdamW, clip 1.0",
+        f"- device {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; "
+        f"modes interleaved in {args.rounds} rounds, median step time; load average {load_before:.1f} before the "
+        f"run, {os.getloadavg()[0]:.1f} after",
+        f"- student: {args.layers} layers derived from {teacher}; batch {args.batch} x up to {args.seq_len} "
+        f"tokens; cache top-k 64 + tail, 50 RS-KD draws; AdamW, clip 1.0; {setting}",
         "",
         "| mode | seconds / step | vs ce_plain | peak memory (MiB) |",
         "|---|---|---|---|",
         *rows,
         "",
-        f"kd_over_ce_rskd = **{figures['kd_over_ce_rskd']}** (goal <= {RSKD_GOAL}), kd_over_ce_topk = "
-        f"**{figures['kd_over_ce_topk']}**; online KD over offline top-k KD: time **{figures['online_over_offline_time']}x**, "
-        f"memory **{figures['online_over_offline_memory']}x**.",
+        ", ".join(f"{name} = **{figures[name]}**" for name in (*ratios, "online_over_offline_memory") if name in figures)
+        + f" (goals: kd_over_ce_rskd and kd_over_ce_topk <= {RSKD_GOAL}).",
     ])
     print(body)
     if not args.no_results:
-        update_results(SECTION, body)
+        update_subsection(SECTION, body)
     print(json.dumps(figures))
+
+
+def open_cache_manifest(cache: str):
+    from formats.reader import open_cache
+
+    return open_cache(cache).manifest
 
 
 if __name__ == "__main__":

@@ -170,12 +170,10 @@ def run_build(s: BuildSettings) -> Manifest:
                         jobs.append(Job(j, a, q.input_ids[a:b], nxt, sample_seed(s.seed, split, first_index + j) + g))
                 results: dict[int, list[tuple[int, dict]]] = {}
                 for batch in bucketed_batches(jobs, s.max_batch_tokens):
-                    recs = teacher.run(batch, cs, layers, HIDDEN_DTYPES[s.hidden_dtype])
+                    recs = teacher.run(batch, cs, layers, HIDDEN_DTYPES[s.hidden_dtype], progress=bar.update)
                     for job, rec in zip(batch, recs):
                         results.setdefault(job.seq, []).append((job.start, rec))
-                    n = sum(len(j.ids) for j in batch)
-                    done_tokens += n
-                    bar.update(n)
+                    done_tokens += sum(len(j.ids) for j in batch)
                 seqs = []
                 for j, q in enumerate(group):
                     parts = sorted(results[j], key=lambda r: r[0])

@@ -2,6 +2,16 @@
 
 Shared by both backends (transformers and vLLM) so they write the same content. Notation: N = positions
 (rows), V = real vocabulary, k = top-k, D = RS-KD draws, S = sample slots.
+
+The reduction is one pass of exp over each row, on the raw logits where that is exact: the top-k of the logits
+is the top-k of the log-probs (log_softmax(x) = x - m - log s is a shift) and gives the row's maximum m too;
+e = exp(x - m) gives s = tail + top k and so log s once; the tail is the sum of e outside the top k, summed
+directly (never 1 - sum(top k), which cancels when the top k hold nearly all the mass; rows whose tail falls
+below float32's range relative to m get a logsumexp of their own); the target is x[next] - m - log s; the RS-KD
+draws come from e itself, in float64 (see `draw_samples`). All of it accumulates in float32. Rows are reduced a
+few hundred at a time on CPU into one reused float32 buffer (`reduction_rows`), and the top-k there is a search by
+levels (`top_k`). The vLLM route computes the logits `CaptureSettings.row_chunk` rows at a time and the
+transformers route one sequence at a time; either way this runs where the logits are. benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
 """
 
 from __future__ import annotations
@@ -13,6 +23,15 @@ import torch
 
 from cache_builder.dtypes import torch_dtype
 
+# Float32 bytes of the rows one CPU thread reduces at a time (at most row_chunk rows): the buffer is reused across
+# chunks, and each torch call gets enough rows to be worth its overhead and its threads' start. Of 1 to 128 MiB,
+# 32 MiB ran fastest on a 2-core machine shared with other jobs, where many short calls lose most to threads waiting
+# on each other (benchmarks/RESULTS.md, "Transformers builder", capture_sweep.py).
+CPU_CHUNK_BYTES = 32 << 20
+# Relative to the largest probability (e = 1), a tail below this may have lost terms below float32's smallest
+# normal (e^-87 each, at most V of them): such rows get their tail from a logsumexp with its own maximum instead.
+TINY_TAIL = 1e-24
+
 
 @dataclass(frozen=True)
 class CaptureSettings:
@@ -23,7 +42,7 @@ class CaptureSettings:
     sample_draws: int = 0  # D; 0 = no RS-KD samples
     sample_slots: int = 0  # S >= number of distinct ids drawn; 0 means S = D
     seed: int = 0
-    row_chunk: int = 1024  # rows of [N, V] processed at once, to bound float32 temporaries
+    row_chunk: int = 1024  # rows of [N, V] whose logits exist at once (the vLLM head; the reduction on a GPU)
 
     @property
     def slots(self) -> int:
@@ -37,19 +56,22 @@ def sample_seed(seed: int, split: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def draw_samples(logp: torch.Tensor, draws: int, slots: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_samples(weights: torch.Tensor, draws: int, slots: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """D draws with replacement from each row's distribution -> distinct ids by count desc, id asc.
 
-    logp: (N, V) float32 log-probs. Returns ids (N, S) int32 padded with -1 and counts (N, S) int32.
+    weights: (N, V), proportional to the probabilities (e.g. exp(x - max x)). Returns ids (N, S) int32 padded
+    with -1 and counts (N, S) int32. The weights go to torch.multinomial in float64: it sums them into a
+    cumulative distribution in their own dtype, and in float32 every id after the running sum nears 1 with a
+    probability below ~3e-8 would be lost (never drawn), and those near it distorted.
     """
-    n, vocab = logp.shape
-    drawn = torch.multinomial(logp.exp(), draws, replacement=True, generator=generator)  # (N, D)
+    n, vocab = weights.shape
+    drawn = torch.multinomial(weights.double(), draws, replacement=True, generator=generator)  # (N, D)
     drawn, _ = drawn.sort(dim=1)
     new = torch.ones_like(drawn, dtype=torch.bool)
     new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     group = new.long().cumsum(dim=1) - 1  # (N, D): index of each draw's distinct id within its row
-    counts = torch.zeros(n, draws, dtype=torch.long, device=logp.device).scatter_add_(1, group, torch.ones_like(group))
-    ids = torch.full((n, draws), -1, dtype=torch.long, device=logp.device).scatter_(1, group, drawn)
+    counts = torch.zeros(n, draws, dtype=torch.long, device=weights.device).scatter_add_(1, group, torch.ones_like(group))
+    ids = torch.full((n, draws), -1, dtype=torch.long, device=weights.device).scatter_(1, group, drawn)
     # Order distinct ids by count descending, then id ascending; padding (count 0) goes last.
     key = torch.where(counts > 0, (draws - counts) * vocab + ids, torch.full_like(ids, draws * vocab + vocab))
     order = key.argsort(dim=1)[:, :slots]
@@ -57,6 +79,48 @@ def draw_samples(logp: torch.Tensor, draws: int, slots: int, generator: torch.Ge
     if draws > slots and bool((counts.sum(dim=1) != draws).any()):
         raise ValueError(f"more than {slots} distinct ids drawn in a row; raise the sample slots to {draws}")
     return ids.int(), counts.int()
+
+
+def top_k(x: torch.Tensor, k: int, block: int = 64, sub: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x (n, V), sorted descending: values (n, k), ids (n, k) int64.
+
+    On CPU a search by levels, exact: the top k lie in the k blocks (of `block` consecutive ids) with the largest
+    maxima (a block holding one of them has a maximum at least as large, and only k - 1 entries are larger); the
+    same holds for the sub-blocks of `sub` ids within those, so torch.topk runs over k * sub candidates (plus the
+    ids past the last whole block) instead of all V. Equal values may come out in another order than torch.topk's.
+    On a GPU torch.topk itself.
+    """
+    n, vocab = x.shape
+    blocks = vocab // block
+    if x.device.type != "cpu" or blocks < 4 * k:
+        return x.topk(k, dim=1)
+    whole, per = blocks * block, k * block // sub
+    rows = torch.arange(n, device=x.device)[:, None]
+    grid = x[:, :whole].unflatten(1, (blocks, block))  # (n, V/block, block)
+    _, best = grid.amax(dim=2).topk(k, dim=1)  # (n, k) the blocks with the largest maxima
+    if whole == vocab and x.is_contiguous():  # rows of (n * V/block, block), copied whole
+        cand = grid.flatten(0, 1).index_select(0, (best + rows * blocks).flatten())
+    else:
+        cand = grid[rows, best]  # (n, k, block)
+    cand = cand.reshape(n * per, sub)  # the k blocks' sub-blocks
+    _, best_sub = cand.view(n, per, sub).amax(dim=2).topk(k, dim=1)  # (n, k) the sub-blocks with the largest maxima
+    cand = cand.index_select(0, (best_sub + rows * per).flatten()).view(n, k * sub)
+    if whole < vocab:  # the ids past the last whole block are always candidates
+        cand = torch.cat([cand, x[:, whole:]], dim=1)
+    values, pos = cand.topk(k, dim=1)  # (n, k)
+    in_grid = pos < k * sub
+    at = torch.where(in_grid, pos, 0)
+    within = best_sub.gather(1, at // sub) * sub + at % sub  # (n, k) index among the k blocks' k * block ids
+    ids = best.gather(1, within // block) * block + within % block
+    return values, torch.where(in_grid, ids, pos - k * sub + whole)
+
+
+def reduction_rows(device: torch.device, vocab: int, row_chunk: int) -> int:
+    """Rows reduced at once: on CPU CPU_CHUNK_BYTES of float32 per thread, on a GPU `row_chunk` (its kernels want
+    many rows per launch); never more than `row_chunk`."""
+    if device.type != "cpu":
+        return row_chunk
+    return max(1, min(row_chunk, CPU_CHUNK_BYTES * torch.get_num_threads() // (4 * vocab)))
 
 
 def capture_rows(
@@ -69,33 +133,63 @@ def capture_rows(
       topk_ids (N, k) int32, topk_logprobs (N, k) in cs.logprob_dtype (both absent when k = 0), tail_logmass (N,) float32,
       target_logprob (N,) float32 (NaN where next_ids is -1), and with draws sample_ids (N, S) int32,
       sample_counts (N, S) int32.
+    The draws consume the generator row by row, so they do not depend on how the rows are chunked on CPU.
     """
-    out: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, logits.shape[0], cs.row_chunk):
-        rows = logits[start : start + cs.row_chunk, : cs.vocab_size].float()  # padded vocab rows dropped
+    n_all, k, vocab = logits.shape[0], cs.top_k, cs.vocab_size
+    device = logits.device
+    rows = reduction_rows(device, vocab, cs.row_chunk)
+    buf = torch.empty(min(rows, n_all), vocab, dtype=torch.float32, device=device)  # the one working buffer
+    # Per row, relative to its largest logit m: the top k, log s (s = sum of e = exp(x - m)), the tail's sum of e,
+    # the target's x - m. Filled chunk by chunk; the log-probs are formed once at the end.
+    top = torch.empty(n_all, k, device=device)
+    ids = torch.empty(n_all, k, dtype=torch.long, device=device)
+    m, log_s, tail, target = (torch.empty(n_all, device=device) for _ in range(4))
+    nxt = next_ids.clamp(min=0)[:, None]  # (N, 1)
+    samples = []
+    for start in range(0, n_all, rows):
+        end = min(start + rows, n_all)
+        e = buf[: end - start]
+        e.copy_(logits[start:end, :vocab])  # (n, V) float32; padded vocabulary rows dropped
         if cs.temperature != 1.0:
-            rows = rows / cs.temperature
-        logp = torch.log_softmax(rows, dim=-1)  # (n, V) float32
-        nxt = next_ids[start : start + cs.row_chunk]
-        target = logp.gather(1, nxt.clamp(min=0).unsqueeze(1)).squeeze(1)
-        target = torch.where(nxt >= 0, target, torch.full_like(target, float("nan")))
-        if cs.top_k:
-            top_lp, top_ids = logp.topk(cs.top_k, dim=-1, sorted=True)
-            parts = {
-                "topk_ids": top_ids.int(),
-                "topk_logprobs": top_lp.to(torch_dtype(cs.logprob_dtype)),
-                # The mass outside the top k, summed directly: 1 - sum(top-k) cancels catastrophically
-                # in float32 when the top k hold nearly everything.
-                "tail_logmass": torch.logsumexp(logp.scatter(1, top_ids, float("-inf")), dim=-1),
-            }
-        else:  # samples-only cache: everything is "tail", log 1 = 0 by definition (not a rounded logsumexp)
-            parts = {"tail_logmass": torch.zeros_like(target)}
-        parts["target_logprob"] = target
+            e.div_(cs.temperature)
+        if k:  # the top-k of the raw logits is the top-k of the log-probs (a shift apart)
+            top[start:end], ids[start:end] = top_k(e, k)
+            m[start:end] = top[start:end, 0]
+        else:
+            m[start:end] = e.amax(dim=1)
+        e.sub_(m[start:end, None])  # x - m <= 0
+        target[start:end] = e.gather(1, nxt[start:end])[:, 0]
+        e.exp_()  # e = exp(x - m), in (0, 1]
         if cs.sample_draws:
-            parts["sample_ids"], parts["sample_counts"] = draw_samples(logp, cs.sample_draws, cs.slots, generator)
-        for name, t in parts.items():
-            out.setdefault(name, []).append(t)
-    return {name: torch.cat(ts) for name, ts in out.items()}
+            samples.append(draw_samples(e, cs.sample_draws, cs.slots, generator))
+        if k:
+            inside = e.gather(1, ids[start:end]).sum(dim=1)  # (n,)
+            e.scatter_(1, ids[start:end], 0.0)
+            tail[start:end] = e.sum(dim=1)  # the mass outside the top k, summed directly (relative to e^m)
+            log_s[start:end] = (tail[start:end] + inside).log()  # s = tail + top k: two positive parts, no cancellation
+        else:
+            log_s[start:end] = e.sum(dim=1).log()
+    out = {}
+    if k:
+        tail_logmass = tail.log() - log_s
+        tiny = (tail < TINY_TAIL) & (k < vocab)
+        if bool(tiny.any()):
+            tail_logmass[tiny] = _exact_tail(logits[tiny, :vocab], ids[tiny], cs.temperature) - (m + log_s)[tiny]
+        out["topk_ids"] = ids.int()
+        out["topk_logprobs"] = ((top - m[:, None]) - log_s[:, None]).to(torch_dtype(cs.logprob_dtype))
+        out["tail_logmass"] = tail_logmass
+    else:  # samples-only cache: everything is "tail", log 1 = 0 by definition (not a rounded logsumexp)
+        out["tail_logmass"] = torch.zeros_like(log_s)
+    out["target_logprob"] = torch.where(next_ids >= 0, target - log_s, torch.nan)
+    if samples:
+        out["sample_ids"], out["sample_counts"] = (torch.cat(parts) for parts in zip(*samples))
+    return out
+
+
+def _exact_tail(x: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log of the sum of exp(x / T) outside `ids`, each row with its own maximum (rows whose tail is tiny)."""
+    z = x.float() / temperature if temperature != 1.0 else x.float()
+    return torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=1)
 
 
 def to_numpy(t: torch.Tensor):

@@ -49,8 +49,8 @@ class BuildSettings:
     skip_bad_records: bool = setting(False, "skip and count malformed records instead of failing")
     max_batch_tokens: int = setting(8192, "padded tokens per teacher forward", above=0)
     shard_tokens: int = setting(262144, "tokens per shard", above=0)
-    dtype: str = setting("auto", "teacher compute dtype; auto: fp32 on CPU, bf16 on GPU",
-                         choices=COMPUTE_DTYPES)
+    dtype: str = setting("auto", "teacher compute dtype; auto: bf16 on a GPU with bf16 and on a CPU with AMX-BF16 "
+                                 "or AVX512-BF16, else fp32 (the manifest records the result)", choices=COMPUTE_DTYPES)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = setting(False, "allow code shipped with the teacher to run")
     seed: int = setting(0, "RS-KD sampling seed", min=0)

@@ -4,6 +4,7 @@ the rows it runs (`Job`), and the conventions they share: the device and hidden-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,10 +36,11 @@ class Teacher(Protocol):
     def start(self) -> None:
         """Load the weights or start the engine."""
 
-    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str
-            ) -> list[dict[str, np.ndarray]]:
+    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str,
+            progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
         """Per row of `batch`, its stored fields (`capture.capture_rows`' names, plus `hidden/L` for each
-        HF hidden_states index L in `layers`, in format dtype `hidden_dtype`), one entry per position."""
+        HF hidden_states index L in `layers`, in format dtype `hidden_dtype`), one entry per position.
+        `progress(tokens)` is called as rows finish, with their token count (the build's progress bar)."""
 
     def close(self) -> None:
         """Release the weights or stop the engine (its processes and GPUs); safe to call more than once."""

@@ -1,12 +1,13 @@
 """The transformers backend: any AutoModelForCausalLM folder, on CPU or GPU.
 
-A batch of sequences is right-padded and run once; each sequence's valid positions then go through
-`capture.capture_rows` on the device, so only the compact records (top-k, tail, target, samples, the
-chosen hidden layers) ever leave it.
+A batch of sequences is right-padded and run at once (on CPU in forwards of at most CPU_FORWARD_TOKENS padded
+tokens); each sequence's valid positions then go through `capture.capture_rows` on the device, so only the
+compact records (top-k, tail, target, samples, the chosen hidden layers) ever leave it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from cache_builder.dtypes import resolve_dtype, torch_dtype
 from cache_builder.errors import BuildError
 from cache_builder.teacher import Job, resolve_device
 from cache_builder.teacher_folder import check_teacher_folder, describe_folder
+
+# On CPU a batch runs as forwards of at most this many padded tokens, so the build's progress bar moves every
+# forward (with whole 8192-token batches it sat at 0% for over a minute). Its cost is not settled: the measurement
+# behind commit 1c8bfd7 found 2048-token forwards of the 135M teacher faster per token than 8192-token ones, while
+# on the same 2-core machine shared with other jobs they ran about half as fast (benchmarks/RESULTS.md,
+# "Transformers builder", capture_sweep.py). A GPU runs the whole batch at once.
+CPU_FORWARD_TOKENS = 2048
 
 
 @dataclass
@@ -52,10 +60,13 @@ class HFTeacher:
                              f"({str(e).splitlines()[0]})") from None
         self.model = model.to(self.device).eval()
 
-    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str
-            ) -> list[dict[str, np.ndarray]]:
-        return forward_records(self, [j.ids for j in batch], [j.seed for j in batch], cs, layers, hidden_dtype,
-                               [j.next_id for j in batch])
+    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str,
+            progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
+        records = []
+        for part in forward_groups(batch, CPU_FORWARD_TOKENS if self.device == "cpu" else None):
+            records += forward_records(self, [j.ids for j in part], [j.seed for j in part], cs, layers, hidden_dtype,
+                                       [j.next_id for j in part], progress)
+        return records
 
     def close(self) -> None:
         self.model = None  # the weights go with the last reference
@@ -69,6 +80,20 @@ def load_hf_teacher(path: str, dtype: str = "auto", device: str = "auto", trust_
     return teacher
 
 
+def forward_groups(batch: list[Job], max_tokens: int | None) -> list[list[Job]]:
+    """Consecutive rows of `batch` whose padded size (rows x longest) stays within `max_tokens` (None: one group)."""
+    if max_tokens is None:
+        return [batch]
+    groups: list[list[Job]] = []
+    for job in batch:
+        group = groups[-1] if groups else None
+        if group and max(len(j.ids) for j in group + [job]) * (len(group) + 1) <= max_tokens:
+            group.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
 def forward_records(
     teacher: HFTeacher,
     rows: list[np.ndarray],
@@ -77,12 +102,13 @@ def forward_records(
     hidden_layers: list[int],
     hidden_dtype: str,
     next_after: list[int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Run one padded batch and return, per row, the stored fields of its positions.
 
     rows: token ids of each row (int32 (T_j,)); seeds: one RS-KD seed per row; next_after: the token
     that follows each row (a packed sequence's next document), -1 or None when unknown: the last
-    position's target is then NaN.
+    position's target is then NaN. progress(T_j) is called as each row's records are made.
     """
     device = teacher.device
     lengths = [len(r) for r in rows]
@@ -110,4 +136,6 @@ def forward_records(
             for layer in hidden_layers:
                 rec[f"hidden/{layer}"] = to_numpy(out.hidden_states[layer][j, :n].to(hid_dtype))
             records.append(rec)
+            if progress is not None:
+                progress(n)
     return records

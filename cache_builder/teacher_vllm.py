@@ -43,6 +43,7 @@ import dataclasses
 import itertools
 import os
 import weakref
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -97,11 +98,11 @@ class VllmTeacher:
         # once, on close() or when this teacher is collected, whichever comes first.
         self._stop = weakref.finalize(self, shutdown_engine, self.llm)
 
-    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str
-            ) -> list[dict[str, np.ndarray]]:
+    def run(self, batch: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str,
+            progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
         if self.hooks is None:
-            return logprob_records(self.llm, batch, cs)
-        return self.hooks.records(batch, cs, layers, hidden_dtype)
+            return logprob_records(self.llm, batch, cs, progress)
+        return self.hooks.records(batch, cs, layers, hidden_dtype, progress)
 
     def close(self) -> None:
         if self._stop is not None:
@@ -201,6 +202,23 @@ def start_engine(path: str, settings: BuildSettings, opts: VllmOptions, *, eager
     return llm
 
 
+def generate(llm, prompts: list[dict], params, tokens: list[int], progress: Callable[[int], None] | None):
+    """`llm.generate(prompts, params)` (request outputs in prompt order), calling progress(tokens[i]) as the engine
+    finishes prompt i. LLM.generate reports only to a tqdm bar of its own, so the requests are enqueued
+    (LLM.enqueue) and the engine is stepped here, as LLM.generate steps it inside."""
+    if progress is None:
+        return llm.generate(prompts, params, use_tqdm=False)
+    counted = {tuple(p["prompt_token_ids"]): n for p, n in zip(prompts, tokens)}
+    llm.enqueue(prompts, params, use_tqdm=False)
+    done = []
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                done.append(out)
+                progress(counted[tuple(out.prompt_token_ids)])
+    return sorted(done, key=lambda out: int(out.request_id))  # as LLM.generate orders them
+
+
 def shutdown_engine(llm) -> None:
     """Stop the engine's processes now (vLLM 0.32's LLM has no public close)."""
     llm.llm_engine.engine_core.shutdown()
@@ -214,7 +232,8 @@ class HookCapture:
         self.config: dict | None = None
         self.calls = itertools.count()
 
-    def records(self, jobs: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str) -> list[dict[str, np.ndarray]]:
+    def records(self, jobs: list[Job], cs: CaptureSettings, layers: list[int], hidden_dtype: str,
+                progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
         from vllm import SamplingParams
 
         config = {"capture": dataclasses.asdict(cs), "layers": list(layers), "hidden_dtype": hidden_dtype}
@@ -228,7 +247,8 @@ class HookCapture:
         params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                  extra_args={TAG: [key, int(job.next_id), int(job.seed)]})
                   for key, job in zip(keys, jobs)]
-        self.llm.generate([{"prompt_token_ids": job.ids.tolist()} for job in jobs], params, use_tqdm=False)
+        generate(self.llm, [{"prompt_token_ids": job.ids.tolist()} for job in jobs], params, [len(j.ids) for j in jobs],
+                 progress)
         records: dict[str, dict[str, np.ndarray]] = {key: {} for key in keys}
         for answer in self.llm.collective_rpc("kdcache_collect", args=(keys,)):
             if answer["errors"]:
@@ -249,7 +269,8 @@ class HookCapture:
         return [{f: records[key][f] for f in want} for key in keys]
 
 
-def logprob_records(llm, jobs: list[Job], cs: CaptureSettings) -> list[dict[str, np.ndarray]]:
+def logprob_records(llm, jobs: list[Job], cs: CaptureSettings,
+                    progress: Callable[[int], None] | None = None) -> list[dict[str, np.ndarray]]:
     """The fallback route: vLLM's prompt log-probs, turned into the same record (see module docstring)."""
     from vllm import SamplingParams
 
@@ -258,7 +279,7 @@ def logprob_records(llm, jobs: list[Job], cs: CaptureSettings) -> list[dict[str,
                             flat_logprobs=True)
     prompts = [{"prompt_token_ids": job.ids.tolist() + ([int(job.next_id)] if job.next_id >= 0 else [])}
                for job in jobs]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = generate(llm, prompts, params, [len(job.ids) for job in jobs], progress)
     records = []
     for job, out in zip(jobs, outputs):
         n = len(job.ids)

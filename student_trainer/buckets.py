@@ -1,6 +1,7 @@
 """The two pieces every top-k loss is built from: the teacher's k+1 buckets (its cached top-k and one tail
 bucket, renormalised) and the KL term a (log a - log b) with 0 log 0 = 0. The same-tokenizer kinds
-(losses.py) and the cross-tokenizer kinds (xtok_losses.py) both import them from here; notation as losses.py's."""
+(losses.py), their closed-form gradients (logit_grads.py) and the cross-tokenizer kinds (xtok_losses.py) import
+them from here; notation as losses.py's."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Notation, conventions and tail assumptions as in student_trainer/losses.py, which holds the KD kinds
 (`KD_LOSSES`). `prepare_mix` is shared with the chunked output-head loss (head_loss.py): it checks, cleans
-and re-tempers the teacher fields once and gives the mixed loss of any rows, so chunks add up to the whole.
+and re-tempers the teacher fields once and gives the mixed loss of any rows (`Mix`), so chunks add up to the whole.
 """
 
 from __future__ import annotations
@@ -62,12 +62,35 @@ def _kd_rows(kind: str) -> Callable[[Tensor, dict, KDConfig], Tensor]:
     return rows
 
 
-def prepare_mix(mask: Tensor, config: KDConfig, fields: dict[str, Tensor | None], dtype: torch.dtype):
-    """Checks, cleans and re-tempers the teacher fields once and returns (loss_sum, f): f the fields flattened
-    to (B*T, ...), loss_sum(z, f, sl) the weighted mixed loss summed over rows sl of the flattened batch,
-    z (n, V) being those rows' logits. Summed over all rows it is the loss; chunks add up to it."""
+@dataclass
+class Mix:
+    """One batch's mixed loss, ready for any of its rows: the teacher fields checked, cleaned, re-tempered and
+    flattened to (B*T, ...) (`prepare_mix`), and each position's weight in the KD and the CE mean."""
+
+    config: KDConfig
+    fields: dict[str, Tensor]  # (B*T, ...) each
+    kd_w: Tensor  # (B*T,) weight of each position in the KD mean (0 where masked out)
+    ce_w: Tensor | None  # (B*T,) weight in the CE mean; None when alpha = 0
+
+    def loss_sum(self, z: Tensor, sl: slice) -> Tensor:
+        """The weighted mixed loss summed over rows sl of the flattened batch, z (n, V) being those rows' logits.
+        Summed over all rows it is the loss; chunks add up to it."""
+        c, f = self.config, self.fields
+        total = z.new_zeros(())
+        if self.ce_w is not None:  # CE on the real next token at temperature 1 (Hinton)
+            total = total + c.alpha * weighted_sum(ce_rows(z, f["labels"][sl]), self.ce_w[sl])
+        if c.alpha < 1.0:
+            t = c.temperature
+            zt = z if t == 1.0 else z / t
+            kd = weighted_sum(_kd_rows(c.kind)(zt, {name: x[sl] for name, x in f.items()}, c), self.kd_w[sl])
+            total = total + (1.0 - c.alpha) * t * t * kd
+        return total
+
+
+def prepare_mix(mask: Tensor, config: KDConfig, fields: dict[str, Tensor | None], dtype: torch.dtype) -> Mix:
+    """Checks, cleans and re-tempers the teacher fields once: the `Mix` whose loss_sum gives the loss of any rows."""
     c = config
-    kd_rows = _kd_rows(c.kind)
+    _kd_rows(c.kind)
     use_kd, use_ce = c.alpha < 1.0, c.alpha > 0.0
     needed = (KD_FIELDS[c.kind] if use_kd else ()) + (("labels",) if use_ce else ())
     missing = [name for name in needed if fields.get(name) is None]
@@ -96,19 +119,7 @@ def prepare_mix(mask: Tensor, config: KDConfig, fields: dict[str, Tensor | None]
     f = {name: x.flatten(0, 1) for name, x in f.items()}  # (B*T, ...)
     kd_w = position_weights(mask, dtype).flatten()  # (B*T,)
     ce_w = position_weights(f["labels"] != IGNORE_INDEX, dtype) if use_ce else None
-    t = c.temperature
-
-    def loss_sum(z: Tensor, f: dict[str, Tensor], sl: slice) -> Tensor:
-        total = z.new_zeros(())
-        if use_ce:  # CE on the real next token at temperature 1 (Hinton)
-            total = total + c.alpha * weighted_sum(ce_rows(z, f["labels"][sl]), ce_w[sl])
-        if use_kd:
-            zt = z if t == 1.0 else z / t
-            kd = weighted_sum(kd_rows(zt, {name: x[sl] for name, x in f.items()}, c), kd_w[sl])
-            total = total + (1.0 - c.alpha) * t * t * kd
-        return total
-
-    return loss_sum, f
+    return Mix(c, f, kd_w, ce_w)
 
 
 def used_vocab(config: KDConfig, rows: int) -> int:
@@ -147,5 +158,4 @@ def kd_loss(
     z = upcast(logits[..., :vocab]).flatten(0, 1)  # (B*T, V)
     fields = dict(labels=labels, topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logmass=tail_logmass,
                   sample_ids=sample_ids, sample_counts=sample_counts)
-    loss_sum, f = prepare_mix(mask, config, fields, z.dtype)
-    return loss_sum(z, f, slice(None))
+    return prepare_mix(mask, config, fields, z.dtype).loss_sum(z, slice(None))

@@ -1,7 +1,7 @@
 """Distillation losses, one per KD kind: student logits against the teacher fields a kdcache cache stores
 (formats/SPEC.md), each as a per-position row function and as a public loss (mean over masked positions).
-The CE/KD mix is student_trainer/kd_mix.py, the output-head loss in chunks head_loss.py, hidden-state
-alignment hidden_align.py.
+The CE/KD mix is student_trainer/kd_mix.py, the output-head loss in chunks head_loss.py (with the closed-form
+gradients of logit_grads.py), hidden-state alignment hidden_align.py.
 
 Notation (docstrings and shape comments)
     B  batch (sequences)              T  positions per sequence       V  vocabulary (student logits)

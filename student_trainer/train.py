@@ -193,7 +193,7 @@ def train(s: TrainSettings) -> dict:
         batches = reader.batches(epoch, micro)
         bar = tqdm(total=s.steps, initial=step, disable=not s.progress or rank != 0, desc="train", unit="step")
         reporter = Reporter(out, s.report_to, step, settings_json, s.run_name, s.wandb_project) if rank == 0 else None
-        t0, last = time.perf_counter(), {}
+        t0, last, tokens_at_start = time.perf_counter(), {}, tokens_seen
         bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         schedules = {key: getattr(s, key) for key in s.SCHEDULED}
@@ -244,7 +244,9 @@ def train(s: TrainSettings) -> dict:
                 last.update({f"eval_{k}": v for k, v in result.items() if k != "split"})
             if reporter and (step % s.log_every == 0 or step == s.steps or evaluated):
                 reporter.log(last)
-            bar.set_postfix(loss=f"{total:.4f}")
+            # tok/s: every rank's tokens this run (a resumed run's earlier tokens not counted) over its wall time.
+            tok_s = (tokens_seen - tokens_at_start) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
             if rank == 0 and s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
                 save_checkpoint(out, step, model, optimizer, {"loader": reader.state(epoch, micro).to_dict(),

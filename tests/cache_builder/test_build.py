@@ -45,8 +45,9 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 def settings(teacher: Path, corpus: Path, out: Path, **kw) -> BuildSettings:
+    # float32: the stored fields are compared with the float32 model (--dtype auto is bf16 on CPUs with bf16).
     base = dict(teacher=str(teacher), corpus=[str(corpus)], out=str(out), top_k=8, seq_len=128, shard_tokens=300,
-                max_batch_tokens=512, progress=False)
+                max_batch_tokens=512, progress=False, dtype="float32")
     base.update(kw)
     return BuildSettings(**base)
 
@@ -54,8 +55,9 @@ def settings(teacher: Path, corpus: Path, out: Path, **kw) -> BuildSettings:
 def direct_logprobs(model, ids: np.ndarray, vocab: int) -> tuple[torch.Tensor, tuple]:
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True)
-    # The same float32 computation the builder is specified to do, on this sequence alone (no batch).
-    return torch.log_softmax(out.logits[0, :, :vocab].float(), dim=-1), out.hidden_states
+    # The distribution of this sequence alone (no batch), in float64: the builder's float32 reduction must be
+    # within float32 rounding of it (torch's own float32 log_softmax sums less accurately at this vocabulary).
+    return torch.log_softmax(out.logits[0, :, :vocab].double(), dim=-1), out.hidden_states
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "zarr"])
@@ -78,7 +80,7 @@ def test_every_stored_field_equals_a_direct_torch_computation(tiny_teacher, smal
             ref_lp, ref_ids = logp.topk(8, dim=-1)
             assert np.array_equal(seq["topk_ids"], ref_ids.numpy()), "top-k ids differ (or padded rows leaked in)"
             np.testing.assert_allclose(seq["topk_logprobs"], ref_lp.numpy(), atol=1e-5)
-            tail = torch.logsumexp(logp.double().scatter(1, ref_ids, float("-inf")), dim=-1)  # the mass outside the top k
+            tail = torch.logsumexp(logp.scatter(1, ref_ids, float("-inf")), dim=-1)  # the mass outside the top k
             np.testing.assert_allclose(seq["tail_logmass"], tail.numpy(), atol=1e-5, rtol=1e-4)
             target = logp[torch.arange(len(ids) - 1), torch.from_numpy(ids[1:].astype(np.int64))]
             np.testing.assert_allclose(seq["target_logprob"][:-1], target.numpy(), atol=1e-5)
@@ -102,8 +104,10 @@ def test_a_samples_only_build_stores_the_same_draws_as_a_top_k_build_and_no_top_
     a, b = open_cache(tmp_path / "k8"), open_cache(tmp_path / "k0")
     for ea, eb in zip(a.shards(), b.shards(), strict=True):
         x, y = a.read_shard(ea), b.read_shard(eb)
-        for name in ("input_ids", "target_logprob", "sample_ids", "sample_counts"):
-            assert np.array_equal(x.token[name], y.token[name], equal_nan=name == "target_logprob"), name
+        for name in ("input_ids", "sample_ids", "sample_counts"):
+            assert np.array_equal(x.token[name], y.token[name]), name
+        # The normaliser is summed in another order without a top-k (all at once, not tail + top k): last bits.
+        np.testing.assert_allclose(x.token["target_logprob"], y.token["target_logprob"], rtol=0, atol=2e-6)
         assert np.all(y.token["tail_logmass"] == 0.0)
     assert "none (samples-only RS-KD cache)" in (tmp_path / "k0" / "README.md").read_text()
 
@@ -114,7 +118,7 @@ def test_rskd_sample_counts_follow_the_teacher_distribution():
     logits = torch.randn(12, generator=gen) * 1.5
     logp = torch.log_softmax(logits, -1)
     rows = 20000
-    ids, counts = draw_samples(logp.expand(rows, -1).contiguous(), 50, 50, gen)
+    ids, counts = draw_samples(logp.exp().expand(rows, -1).contiguous(), 50, 50, gen)
     assert (counts.sum(1) == 50).all()
     observed = torch.zeros(12, dtype=torch.float64).index_add_(0, ids[ids >= 0].long(), counts[ids >= 0].double())
     expected = logp.double().exp() * rows * 50

@@ -7,13 +7,21 @@ through the command line and compares shard by shard: the shard layout, the mani
 checksums of every field that holds no teacher float (ids, offsets, masks, counts), and the teacher's
 floats to within what another CPU's float32 kernels can change (summation order).
 
-Re-record only for an intended change of the content: `python -m tests.cache_builder.test_golden_build`.
+The RS-KD draws (`sample_ids`, `sample_counts`) alone were re-recorded by issue #16's change (`--samples-only`
+below): torch.multinomial builds its cumulative distribution in the dtype of its weights, and in float32 that
+loses every id whose probability is below half an ulp of the running sum (never drawn) and shifts the others'
+bins by the sum's rounding; the builder now draws from float64 weights, the same distribution without that
+bias, which moves some draws.
+
+Re-record only for an intended change of the content: `python -m tests.cache_builder.test_golden_build`
+(`--samples-only`: replace the RS-KD draws and keep every other array).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,11 +61,12 @@ def write_inputs(root: Path) -> tuple[Path, Path]:
     return text, chat
 
 
+# --dtype float32: the golden arrays come from a float32 teacher (--dtype auto is bf16 on CPUs with bf16).
 BUILDS = {
-    "text": ["--top-k", "6", "--sample-draws", "20", "--hidden-layers=-1,1", "--byte-offsets", "--packing",
+    "text": ["--dtype", "float32", "--top-k", "6", "--sample-draws", "20", "--hidden-layers=-1,1", "--byte-offsets", "--packing",
              "--seq-len", "96", "--heldout-fraction", "0.3", "--shard-tokens", "200", "--max-batch-tokens", "256",
              "--seed", "3"],
-    "chat": ["--top-k", "4", "--logprob-dtype", "bf16", "--seq-len", "64", "--shard-tokens", "100",
+    "chat": ["--dtype", "float32", "--top-k", "4", "--logprob-dtype", "bf16", "--seq-len", "64", "--shard-tokens", "100",
              "--max-batch-tokens", "128"],
 }
 
@@ -127,6 +136,10 @@ if __name__ == "__main__":  # re-record: `python -m tests.cache_builder.test_gol
     with tempfile.TemporaryDirectory() as tmp:
         teacher = make_tiny_teacher(Path(tmp) / "teacher", default_teacher_dir())
         snap = snapshot(build_all(teacher, Path(tmp)))
+    if "--samples-only" in sys.argv:
+        kept = dict(np.load(GOLDEN))
+        assert sorted(kept) == sorted(snap), "the shard layout or the field table changed: re-record everything"
+        snap = {k: snap[k] if k.endswith(("/sample_ids", "/sample_counts")) else v for k, v in kept.items()}
     GOLDEN.parent.mkdir(exist_ok=True)
     np.savez_compressed(GOLDEN, **snap)
     print(f"{GOLDEN}: {len(snap)} arrays, {GOLDEN.stat().st_size} bytes")

@@ -35,7 +35,8 @@ ENGINE = [pytest.mark.vllm, pytest.mark.integration]
 
 
 def vllm_settings(teacher: Path, **kw) -> BuildSettings:
-    base = dict(teacher=str(teacher), corpus=[], out="", backend="vllm", top_k=K, seq_len=512,
+    # float32, as the transformers side of every comparison here (--dtype auto is bf16 on CPUs with bf16).
+    base = dict(teacher=str(teacher), corpus=[], out="", backend="vllm", top_k=K, seq_len=512, dtype="float32",
                 vllm={"kv_cache_gib": 1, "max_num_batched_tokens": STEP_TOKENS})
     base.update(kw)
     return BuildSettings(**base)
@@ -96,8 +97,10 @@ def test_capture_matches_the_transformers_backend_on_rows_split_over_engine_step
                                                                                    tokenizer):
     cs = CaptureSettings(top_k=K, vocab_size=len(tokenizer), sample_draws=32)
     layers = [0, 15, 30]  # embeddings, a decoder layer's input, the final output (after the norm)
-    got = HookCapture(smol_engine).records(jobs, cs, layers, "F16")
+    reported = []
+    got = HookCapture(smol_engine).records(jobs, cs, layers, "F16", progress=reported.append)
     want = hf_records(hf_smol, jobs, cs, layers)
+    assert sorted(reported) == sorted(len(j.ids) for j in jobs)  # each row once, as the engine finishes it
     for job, g, w in zip(jobs, got, want):
         assert g.keys() == w.keys()
         assert all(len(v) == len(job.ids) for v in g.values())
@@ -139,8 +142,10 @@ def test_rskd_samples_repeat_for_a_seed_and_follow_the_transformers_backend(smol
 @pytest.mark.integration
 def test_prompt_logprobs_fallback_matches_the_transformers_backend(smol_engine, hf_smol, jobs, tokenizer):
     cs = CaptureSettings(top_k=K, vocab_size=len(tokenizer))
-    got = logprob_records(smol_engine, jobs, cs)
+    reported = []
+    got = logprob_records(smol_engine, jobs, cs, progress=reported.append)
     want = hf_records(hf_smol, jobs, cs, [])
+    assert sorted(reported) == sorted(len(j.ids) for j in jobs)  # the row's tokens, not the prompt's (+1 next token)
     for job, g, w in zip(jobs, got, want):
         assert all(len(v) == len(job.ids) for v in g.values())
         # Here the tail is 1 - sum(top k): an error d in the top-k probabilities (~4e-5 between the two
@@ -172,7 +177,7 @@ def test_vllm_build_equals_the_transformers_build(teacher_dir, tmp_path_factory)
         (corpus / f"{name}.txt").write_text((Path(os.__file__).parent / name).read_text()[:2500])
     common = dict(teacher=str(tiny), corpus=[str(corpus)], top_k=8, seq_len=256, packing=True, txt_split="paragraphs",
                   sample_draws=16, hidden_layers=[1, -1], hidden_dtype="fp16", shard_tokens=400,
-                  max_batch_tokens=512, progress=False)
+                  max_batch_tokens=512, progress=False, dtype="float32")
     hf = run_build(BuildSettings(out=str(tmp / "hf"), **common))
     vl = run_build(BuildSettings(out=str(tmp / "vllm"), backend="vllm",
                                  vllm={"kv_cache_gib": 1, "max_num_batched_tokens": 96}, **common))

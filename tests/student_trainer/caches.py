@@ -24,9 +24,11 @@ def write_corpus(folder: Path) -> Path:
 
 def build(teacher: Path, corpus: Path, out: Path, **kw) -> str:
     """A cache of `corpus` by `teacher` at `out`: top-k 8, 16 RS-KD draws, hidden layers 1 and 2, a held-out split,
-    ~300-token shards; `kw` overrides any BuildSettings field."""
+    ~300-token shards, the teacher in float32 (tests compare the cache with the float32 model, and `--dtype auto` is
+    bf16 on a CPU with bf16 units); `kw` overrides any BuildSettings field."""
     base = dict(teacher=str(teacher), corpus=[str(corpus)], out=str(out), top_k=8, sample_draws=16, hidden_layers=[1, 2],
-                heldout_fraction=0.3, seq_len=128, shard_tokens=300, max_batch_tokens=512, progress=False)
+                heldout_fraction=0.3, seq_len=128, shard_tokens=300, max_batch_tokens=512, progress=False,
+                dtype="float32")
     base.update(kw)
     run_build(BuildSettings(**base))
     return str(out)
