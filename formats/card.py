@@ -78,7 +78,7 @@ def snippets(m: Manifest) -> list[str]:
                   "print(table.schema); row = table.slice(0, 1).to_pylist()[0]", "```", "",
                   "```python", "import os", "from datasets import load_dataset",
                   "ds = load_dataset(os.path.abspath('.'))  # one split per cache split, from this card's configs",
-                  f"print({{name: len(d) for name, d in ds.items()}})  # sequences per split", "```", "",
+                  "print({name: len(d) for name, d in ds.items()})  # sequences per split", "```", "",
                   "```python", "import numpy as np", "import pandas as pd",
                   f"df = pd.read_parquet({files!r})  # split {split!r}: one row per sequence",
                   "target = np.concatenate(df['target_logprob'].to_numpy())",

@@ -4,9 +4,13 @@ cache holding one). Only the local folder is walked: an object store's or web se
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from formats.lock import LOCK_NAME
-from formats.manifest import MANIFEST_NAME
+from formats.manifest import MANIFEST_NAME, ShardEntry
+
+if TYPE_CHECKING:  # the reader imports this module
+    from formats.reader import Cache
 
 SHARD_DIR = "shards"
 _OWN_FILES = {MANIFEST_NAME, "README.md", LOCK_NAME}

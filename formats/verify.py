@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 
 from formats.errors import CacheError
-from formats.manifest import MANIFEST_NAME, ShardEntry
+from formats.manifest import ShardEntry
 from formats.extra_files import extra_files, shard_extra_files
 from formats.reader import Cache, open_cache
 from formats.schema import SeqBlock, content_sha256, to_float32, topk_encoding_of

@@ -18,7 +18,7 @@ from formats.copy import copy_cache
 from formats.errors import CacheError
 from formats.lock import STALE_S, lock_is_live
 from formats.reader import open_cache
-from formats.store import check_writable, open_store
+from formats.store import check_writable
 from formats.verify import verify_cache
 from formats.writer import CacheWriter
 from tests.formats.synth import VOCAB, ShardCutter, make_manifest, same_bytes, write_cache
