@@ -57,10 +57,11 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from cache_builder.build import bucketed_batches, resolve_teacher_path, run_build
+    from cache_builder.build import resolve_teacher_path, run_build
     from cache_builder.capture import CaptureSettings
     from cache_builder.corpus import tokenize_corpus
     from cache_builder.documents import CorpusOptions
+    from cache_builder.records import bucketed_batches
     from cache_builder.settings import BuildSettings
     from cache_builder.teacher import Job
     from cache_builder.teacher_hf import forward_records, load_hf_teacher
