@@ -4,7 +4,8 @@ The build's own process (the driver) streams and tokenizes the corpus, cuts it i
 group left to compute to a replica: a Ray actor holding one teacher, which computes the group's records
 (`records.group_block`) and writes the shard's files straight into the output (`formats.writer.write_shard`,
 temporary name then rename). Only the driver publishes, in shard order, so lock, resume, `--overwrite` and the
-finished cache are those of a local build, shard for shard.
+finished cache are those of a local build, shard for shard (content checksums included, given the same teacher
+numerics: on CPU the same threads per teacher, `--ray-cpus`, as a CPU matmul's sums depend on its thread count).
 
 Ray Core actors rather than Ray Data (`map_batches` over an actor pool): both ran the same replica code at the
 same speed on this machine (benchmarks/RESULTS.md, 'Builder at scale'), so the choice follows what the build
@@ -22,6 +23,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,21 +38,26 @@ from formats.errors import KdError
 from formats.manifest import ShardEntry
 from formats.writer import write_shard
 
-IN_FLIGHT = 2  # groups queued per replica: one computing, one waiting, so a replica never idles between groups
+IN_FLIGHT = 2  # calls per replica at once: one uses the teacher while the other writes its shard or waits
 TASK_RETRIES = 3  # a shard whose replica dies this many times more stops the build
 
 
 class TeacherReplica:
-    """One Ray actor: a teacher loaded once (on the replica's node: its GPUs, its threads), then one shard per call."""
+    """One Ray actor: a teacher loaded once (on the replica's node: its GPUs, its threads), then one shard per call.
+
+    Ray runs two calls at once (`max_concurrency`): the lock lets one use the teacher while the other writes its
+    shard, so the teacher does not wait for the disk, as in a local build."""
 
     def __init__(self, make_teacher: Callable[[], Teacher], spec: RecordSpec, root: str, backend: str, threads: int):
         torch.set_num_threads(threads)
         self.spec, self.root, self.backend = spec, Path(root), backend
         self.teacher = make_teacher()
         self.teacher.start()
+        self.lock = threading.Lock()
 
     def run(self, group, path: str) -> ShardEntry:
-        block = group_block(self.teacher, group, self.spec)
+        with self.lock:
+            block = group_block(self.teacher, group, self.spec)
         return write_shard(self.root, path, group.split, block, self.spec.fields, self.backend)
 
     def pid(self) -> int:
@@ -126,16 +133,19 @@ class RayReplicas:
                   f"has {have.get('CPU', 0):g} and {have.get('GPU', 0):g} now, so some wait for nodes to join",
                   file=sys.stderr)
         actor = ray.remote(TeacherReplica).options(num_cpus=s.ray_cpus, num_gpus=gpus, max_restarts=-1,
-                                                   max_task_retries=TASK_RETRIES)
+                                                   max_task_retries=TASK_RETRIES, max_concurrency=IN_FLIGHT)
         self.actors = [actor.remote(make_teacher, spec, s.out, s.format, s.ray_cpus) for _ in range(s.ray_replicas)]
         self.inflight: dict = {}  # ObjectRef -> (work without its sequences, actor index)
         self.load = [0] * len(self.actors)
+        # A replica gets groups once its teacher is loaded: replicas start at different times (a node joins late,
+        # a process imports slowly), and a group queued on one still starting would hold up the shards after it.
+        self.starting = {a.pid.remote(): i for i, a in enumerate(self.actors)}
+        self.ready: set[int] = set()
 
     def submit(self, work: ShardWork) -> list[Finished]:
         finished = []
-        while len(self.inflight) >= IN_FLIGHT * len(self.actors):
+        while (i := self._free()) is None:
             finished += self._collect(block=True)
-        i = min(range(len(self.actors)), key=self.load.__getitem__)
         ref = self.actors[i].run.remote(work.group, work.path)
         # Ray holds the group until the call succeeds (for retries); the driver keeps only what it publishes.
         self.inflight[ref] = (dataclasses.replace(work, group=dataclasses.replace(work.group, sequences=[])), i)
@@ -156,17 +166,33 @@ class RayReplicas:
         if self.inflight:  # a killed actor's calls fail once Ray has seen it die: then nothing writes any more
             ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=30)
         self.inflight.clear()
+        self.starting.clear()
         self.actors = []
 
-    def _collect(self, block: bool) -> list[Finished]:
-        import ray
+    def _free(self) -> int | None:
+        """The ready replica with the fewest calls, if it has room for one more."""
+        free = [i for i in sorted(self.ready) if self.load[i] < IN_FLIGHT]
+        return min(free, key=self.load.__getitem__) if free else None
 
-        if not self.inflight:
+    def _collect(self, block: bool) -> list[Finished]:
+        """Finished shards (and replicas that finished starting); with `block`, waits for at least one of either."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = list(self.inflight) + list(self.starting)
+        if not refs:
             return []
-        refs = list(self.inflight)
         ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
         out = []
         for ref in ready:
+            if ref in self.starting:
+                i = self.starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:  # its teacher could not be loaded
+                    raise BuildError(f"a teacher replica could not start ({_cause(e)})") from None
+                self.ready.add(i)
+                continue
             work, i = self.inflight.pop(ref)
             self.load[i] -= 1
             out.append((work, self._get(ref, work)))
@@ -188,4 +214,11 @@ class RayReplicas:
                              f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
         except RayActorError as e:
             raise BuildError(f"{work.path}: the replica computing this shard died, and it died again on each of "
-                             f"{TASK_RETRIES} retries ({str(e).splitlines()[0]})") from None
+                             f"{TASK_RETRIES} retries ({_cause(e)})") from None
+
+
+def _cause(e: BaseException) -> str:
+    """The last line of a Ray error's text that names an exception: where Ray puts the replica's own error."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "Error:" in line or "Exception:" in line]
+    return (named or lines or [type(e).__name__])[-1]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cache_builder.build import run_build
 from cache_builder.errors import BuildError
@@ -219,7 +220,14 @@ def test_a_shard_that_fails_in_its_replica_stops_the_build_naming_the_error(clus
 @pytest.mark.integration
 def test_a_ray_build_of_the_default_teacher_equals_a_local_one(cluster, teacher_dir, corpus, tmp_path):
     kw = dict(top_k=16, seq_len=128, shard_tokens=600, max_batch_tokens=512, sample_draws=0, hidden_layers=[])
-    run_build(settings("default", corpus, tmp_path / "local", **kw))
+    # A CPU matmul's sums depend on its thread count (bf16 logits differ by up to ~1 between 1 and 2 threads on
+    # SmolLM2), so the local build runs with the replicas' one thread (--ray-cpus 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_build(settings("default", corpus, tmp_path / "local", **kw))
+    finally:
+        torch.set_num_threads(threads)
     run_build(settings("default", corpus, tmp_path / "ray", ray=cluster, ray_replicas=2, **kw))
     assert shards(tmp_path / "ray") == shards(tmp_path / "local")
     assert open_cache(tmp_path / "ray").manifest.teacher == open_cache(tmp_path / "local").manifest.teacher
