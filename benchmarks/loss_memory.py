@@ -48,7 +48,8 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from results import RESULTS, update_results  # noqa: E402  (benchmarks/results.py, shared by the benchmarks)
-from student_trainer.losses import KDConfig, chunked_kd_loss, kd_loss  # noqa: E402
+from student_trainer.head_loss import chunked_kd_loss  # noqa: E402
+from student_trainer.kd_mix import KDConfig, kd_loss  # noqa: E402
 
 SECTION = "Loss memory"
 TARGET_RATIO = 0.3

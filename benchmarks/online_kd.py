@@ -2,7 +2,7 @@
 
 Online KD runs the teacher on every batch and compares the student with the teacher's whole distribution, so it
 needs no tail assumption and no sampling; it costs a teacher forward per step. Benchmarks feed it the same
-`student_trainer.loader.Batch`es as the offline trainer (the cache supplies input_ids and position_ids; its teacher
+`student_trainer.batch.Batch`es as the offline trainer (the cache supplies input_ids and position_ids; its teacher
 fields are ignored here), so the two differ only in where the teacher distribution comes from.
 
 Shapes: B sequences, T positions, V vocabulary (the cache's real vocabulary; padded output rows are dropped).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from student_trainer.batch import IGNORE_INDEX
 
 
 def load_teacher(path: str, device: torch.device | str = "cpu") -> nn.Module:

@@ -3,11 +3,13 @@
 One teacher (the demo's, SmolLM2-135M-Instruct), one cache built once over standard-library source text by the real
 builder with top-k 64 and 50 RS-KD draws, plus a held-out split. Smaller caches are derived from it exactly with
 `kdcache convert --top-k K --drop-samples` (the first K of a sorted top-64 are the top-K; the dropped mass joins
-the tail), so every row sees the same teacher distributions. Rows:
+the tail), so every row sees the same teacher distributions (top64_compact: its 6-bit codes of them). Rows:
 
     ce_only      CE on the real next token only (alpha = 1)
     top12        top-12, renormalised over the 12 ids (fkl_renorm): the plain top-k of the RS-KD paper
     top64        top-64, renormalised (fkl_renorm)
+    top64_compact  the same top-64 stored compactly (6-bit codes, SPEC.md "Compact top-k"), the same loss: issue 17's
+                 acceptance row, within the seed spread of top64
     top12_tail   top-12 plus a tail bucket (fkl_ghost, the paper's "ghost token")
     rskd50       RS-KD: 50 draws per position (kd_kind rskd)
     full_kd      full-logit forward KL with the teacher in memory (benchmarks/online_kd.py): the reference
@@ -27,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -38,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: the repo root
+from benchmarks.results import processor, update_results  # noqa: E402
 
 # RS-KD paper (Anshumann et al., ACL 2025), 3B -> 300M, 10B tokens, held-out LM loss; mapped onto our rows (their
 # top-50 onto our top-64, their ghost token onto top-12 + tail bucket).
@@ -76,6 +79,7 @@ METHODS = {
     "ce_only": Method("k12", alpha=1.0, label="CE only"),
     "top12": Method("k12", "fkl_renorm", label="top-k 12 (renormalised)"),
     "top64": Method("k64", "fkl_renorm", label="top-k 64 (renormalised)"),
+    "top64_compact": Method("k64c", "fkl_renorm", label="top-k 64 compact, 6-bit (renormalised)"),
     "top12_tail": Method("k12", "fkl_ghost", label="top-k 12 + tail bucket"),
     "rskd50": Method("rskd", "rskd", label="RS-KD, 50 draws"),
     "full_kd": Method("", label="full-logit KD (online)"),
@@ -108,7 +112,7 @@ def _kdcache(*args: str) -> None:
 
 
 def build_caches(s: QualitySettings) -> dict[str, str]:
-    """The built cache (top-64 + 50 draws) and the three derived from it; returns name -> path."""
+    """The built cache (top-64 + 50 draws) and the four derived from it; returns name -> path."""
     from formats.errors import CacheError
     from formats.reader import open_cache
     from kdcache.demo import stdlib_corpus
@@ -128,7 +132,9 @@ def build_caches(s: QualitySettings) -> dict[str, str]:
         (out / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
     caches = {"full": str(full)}
     for name, args in {"k64": ("--top-k", "64", "--drop-samples"), "k12": ("--top-k", "12", "--drop-samples"),
-                       "rskd": ("--top-k", "1")}.items():
+                       "rskd": ("--top-k", "1"),
+                       "k64c": ("--top-k", "64", "--drop-samples", "--topk-encoding", "compact", "--logprob-bits", "6")
+                       }.items():
         path = out / f"cache_{name}"
         try:
             ready = open_cache(path).manifest.complete
@@ -171,7 +177,7 @@ def train_online(s: QualitySettings, cache: str, seed: int, out: Path) -> dict:
     from formats.reader import open_cache
     from student_trainer.loader import EpochReader, LoaderSettings
     from student_trainer.student import student_from_teacher
-    from student_trainer.train import _lr_factor
+    from student_trainer.schedule import lr_factor
     from student_trainer.settings import TrainSettings
 
     m = open_cache(cache).manifest
@@ -188,7 +194,7 @@ def train_online(s: QualitySettings, cache: str, seed: int, out: Path) -> dict:
     student.train()
     for step in range(s.steps):
         for g in optimizer.param_groups:
-            g["lr"] = s.lr * _lr_factor(step, ts)
+            g["lr"] = s.lr * lr_factor(step, ts.steps, ts.warmup_steps, ts.min_lr_ratio)
         try:
             batch = next(batches)
         except StopIteration:
@@ -253,20 +259,45 @@ def summarize(runs: dict[str, dict[int, dict]], s: QualitySettings, caches: dict
     return out
 
 
-def markdown(table: dict, s: QualitySettings, command: str, row_seconds: float, build: dict) -> str:
+def compact_verdict(runs: dict[str, dict[int, dict]]) -> tuple[list[str], bool | None]:
+    """Issue 17's acceptance: the compact top-64 row's held-out CE (mean over seeds) lies within the plain top-64
+    row's seed range [min, max]; with the per-seed differences (a seed is the same batch order for both rows)."""
+    if not {"top64", "top64_compact"} <= set(runs):
+        return [], None
+    plain, compact = runs["top64"], runs["top64_compact"]
+    seeds = sorted(set(plain) & set(compact))
+    lo, hi = min(plain[x]["ce"] for x in seeds), max(plain[x]["ce"] for x in seeds)
+    mean = statistics.fmean(compact[x]["ce"] for x in seeds)
+    within = lo <= mean <= hi
+    lines = [f"Compact top-64 (6-bit) against plain top-64, same loss, seeds and batches: mean held-out CE {mean:.3f}, "
+             f"plain's seed range [{lo:.3f}, {hi:.3f}]: **{'within' if within else 'outside'}** the seed spread. "
+             "Per seed (compact - plain): "
+             + ", ".join(f"seed {x} {compact[x]['ce'] - plain[x]['ce']:+.3f}" for x in seeds) + ". Both rows train "
+             "with the plain top-64 row's loss, `fkl_renorm` (the 64 entries renormalised, the tail unused), so the "
+             "rows differ only in the stored values of entries 2-64: the compact cache's 6-bit codes against the "
+             "exact float32 log-probs."]
+    return lines, within
+
+
+def markdown(table: dict, s: QualitySettings, command: str, row_seconds: float, build: dict,
+             verdict: list[str]) -> str:
     first = next(iter(table.values()))
     evaluated = f"the first {s.eval_batches} batches of 8 sequences" if s.eval_batches else "the whole split"
     lines = [
         f"Command (repository root): `{command}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other jobs while "
+        f"Machine: {processor()} ({platform.machine()}), shared with other jobs while "
         f"it ran (timings are indicative only). Cache build {build['seconds']:.0f} s; training and evaluation summed "
         f"over the rows {row_seconds / 60:.1f} min (rows finished by an earlier invocation with the same settings are "
         "reused, so this is the cost of the whole table, not of the last invocation).",
         "",
         f"Teacher SmolLM2-135M-Instruct; cache built once with the transformers backend over {build['tokens']} tokens of "
         f"standard-library source ({build['train_tokens']} train, {build['heldout_tokens']} held-out), top-k 64, "
-        f"50 RS-KD draws; k=12 caches derived with `kdcache convert --top-k 12 --drop-samples`. Student: "
+        "50 RS-KD draws"
+        + ("; k=12 caches derived with `kdcache convert --top-k 12 --drop-samples`"
+           if any(METHODS[n].cache == "k12" for n in table) else "")
+        + (", the compact top-64 with `kdcache convert --top-k 64 --drop-samples --topk-encoding compact "
+           "--logprob-bits 6`" if "top64_compact" in table else "") + ". Student: "
         f"{s.layers} layers copied from the teacher's. Each run: {s.steps} steps x {s.batch_size} sequences x "
         f"{s.seq_len} tokens (~{first['tokens']['mean']:.0f} tokens), AdamW lr {s.lr} "
         f"({s.warmup_steps} warmup steps, cosine), alpha 0 for KD rows, temperature 1, seeds {', '.join(map(str, s.seeds))}. "
@@ -293,12 +324,14 @@ def markdown(table: dict, s: QualitySettings, command: str, row_seconds: float, 
         "they include input ids, target log-prob and tail (4 B each). The RS-KD cache also keeps a top-1 entry, "
         "because the format requires k >= 1. CE only needs no teacher fields; full KD needs the teacher itself.",
         "",
+        *([*verdict, ""] if verdict else []),
         "Our order, best held-out CE first: " + " < ".join(
             f"{METHODS[n].label} {table[n]['ce']['mean']:.3f}" for n in sorted(table, key=lambda n: table[n]["ce"]["mean"])),
-        "",
-        "The RS-KD paper's pairwise orders at 300M (its top-50 mapped to our top-64, its ghost token to top-12 + tail):",
-        *compare_with_paper(table),
     ]
+    paper = compare_with_paper(table)
+    if paper:
+        lines += ["", "The RS-KD paper's pairwise orders at 300M (its top-50 mapped to our top-64, its ghost token to "
+                      "top-12 + tail):", *paper]
     return "\n".join(lines)
 
 
@@ -316,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="held-out batches of 8 (0: all)")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="comma-separated")
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md (Quality)")
+    p.add_argument("--write-results", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    p.add_argument("--section", default="Quality", help="the RESULTS.md section it replaces (another one for a "
+                                                       "subset of --methods)")
     a = p.parse_args(argv)
     s = QualitySettings(out=a.out, corpus_chars=a.corpus_chars, seq_len=a.seq_len, layers=a.layers, steps=a.steps,
                         batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, eval_batches=a.eval_batches,
@@ -324,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if a.write_results and a.section == "Quality" and set(s.methods) != set(METHODS):
+        p.error("--write-results with a subset of --methods would replace the whole Quality table: give --section")
 
     t0 = time.perf_counter()
     caches = build_caches(s)
@@ -341,14 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     (Path(s.out) / "runs.json").write_text(json.dumps(runs, indent=1))
     table = summarize(runs, s, caches)
     seconds = time.perf_counter() - t0
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     row_seconds = sum(r["train_seconds"] + r["eval_seconds"] for per_seed in runs.values() for r in per_seed.values())
-    text = markdown(table, s, command.strip(), row_seconds, build)
+    verdict, within = compact_verdict(runs)
+    text = markdown(table, s, command.strip(), row_seconds, build, verdict)
     print(text)
     if a.write_results:
-        from benchmarks.results import update_results
-
-        update_results("Quality", text)
+        update_results(a.section, text)
     ce = {name: row["ce"]["mean"] for name, row in table.items()}
     rskd_gap = table.get("rskd50", {}).get("gap_closed")
     cached = [n for n in ce if METHODS[n].cache and n != "ce_only"]
@@ -359,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "kd_beats_ce": bool("ce_only" in ce and any(ce[n] < ce["ce_only"] for n in cached)),
         "beats_ce": {n: ce[n] < ce["ce_only"] for n in ce if n != "ce_only"} if "ce_only" in ce else {},
         "gap_closed": {n: (r["gap_closed"] or {}).get("mean") for n, r in table.items()},
+        "compact_within_plain_spread": within,  # issue 17: compact top-64's mean CE in plain top-64's seed range
         "top1_agreement": {n: r["top1_agreement"]["mean"] for n, r in table.items()},
         "ece": {n: r["ece"]["mean"] for n, r in table.items()},
         "bytes_per_token": {n: r["bytes_per_token"] for n, r in table.items()},

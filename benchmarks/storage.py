@@ -38,8 +38,17 @@ error of the soft-target cross-entropy gradient with respect to the student's lo
 sum CE(p, s), for a reference student s = the 4-layer student the demo derives from the teacher
 (`student_from_teacher`, not trained), CE(q, s) = -sum_i q_i log s_i.
 
+Top-k frontier (issue 17; `benchmarks/topk_frontier.py` defines it): bytes/token, KL(p || q) with the rest of the
+mass spread evenly, and top-1 kept, for k = 50 and 128 and the modes exact oracle (plain F32), plain BF16 and
+compact (SPEC.md "Compact top-k") with 5, 6 (the default) and 7 bits, each written by CacheWriter as its own
+cache of the required fields plus the top-k; on every position of this corpus, and of the issue's comparison
+corpus (the first 4000 characters of argparse, difflib, statistics, string, shlex, csv, calendar and glob,
+windows of <= 512 tokens, one pass of the same teacher).
+
 The last line printed is JSON with `bytes_per_token` (mode -> Parquet zstd file bytes per token),
-`rskd_bytes_per_token` and every other figure. Writes its section of benchmarks/RESULTS.md.
+`rskd_bytes_per_token`, `compact_k128_bytes`, `compact_k128_kl_over_oracle`, `compact_k50_bytes`,
+`compact_k50_kl_over_oracle` (comparison corpus, 6 bits) and every other figure. Writes its section of
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -60,10 +69,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from results import update_results  # noqa: E402
+from results import processor, update_results  # noqa: E402
+from topk_frontier import FrontierData, compact_parts, comparison_corpus, frontier, frontier_markdown  # noqa: E402
 
 DRAWS = 50
 HIDDEN_LAYER = 15
+FRONTIER_MODES = ("bf16", "compact5", "compact6", "compact7")
 DISTILLKIT = {"DistillKit k=128 (recommended)": 330, "DistillKit budget (k=50)": 114, "RS-KD paper (12 x 3 B)": 36}
 
 
@@ -195,6 +206,7 @@ def main() -> None:
                                               heldout_fraction=args.heldout_fraction), tokenizer))
     teacher = load_hf_teacher(path, device="cpu")
     student = student_from_teacher(path, 4)[0].eval()
+    own = FrontierData(vocab)
     all_modes = modes()
     records = {name: [] for name in all_modes}
     fidelity: dict[tuple[str, str], Fidelity] = {}
@@ -209,6 +221,7 @@ def main() -> None:
             logits = out.logits[0, :, :vocab].float()  # (n, V)
             next_ids = torch.full((n,), -1, dtype=torch.long)
             next_ids[:-1] = ids[0, 1:]
+            own.add(logits, next_ids, q.input_ids, q.doc_index)
             seed = sample_seed(0, q.split, index_in_split[q.split])
             for name, m in all_modes.items():
                 cs = CaptureSettings(top_k=m["top_k"], vocab_size=vocab, logprob_dtype=m["dtype"],
@@ -263,6 +276,22 @@ def main() -> None:
     for key, f in fid.items():
         print(f"{key:50s} kl {f['kl']:.4g}  tvd {f['tvd']:.4f}  ce_rel_err {f['ce_rel_err']:.4f}  ce_bias {f['ce_bias']:+.4f}")
     distinct_all = np.concatenate(distinct)
+    comparison = FrontierData(vocab)
+    for q in tokenize_corpus(CorpusOptions(paths=[str(comparison_corpus(tmp / "comparison"))], seq_len=512), tokenizer):
+        ids = torch.from_numpy(q.input_ids.astype(np.int64))[None]
+        next_ids = torch.full((ids.shape[1],), -1, dtype=torch.long)
+        next_ids[:-1] = ids[0, 1:]
+        with torch.inference_mode():
+            comparison.add(teacher.model(input_ids=ids, use_cache=False).logits[0, :, :vocab].float(), next_ids,
+                           q.input_ids, q.doc_index)
+    fronts = {"own": frontier(own, tmp / "frontier-own", FRONTIER_MODES),
+              "comparison": frontier(comparison, tmp / "frontier-comparison", FRONTIER_MODES)}
+    parts = {k: compact_parts(str(tmp / "frontier-comparison" / f"k{k}-compact6")) for k in (50, 128)}
+    for corpus, rows in fronts.items():
+        for key, f in rows.items():
+            print(f"frontier {corpus:10s} {key:16s} {f['bytes_per_token']:7.1f} B/token  KL {f['kl']:.4f} "
+                  f"(x{f['kl_over_oracle']:.4f})  top-1 kept {f['top1_kept']:.2%}  written in {f['write_s']:.2f} s", flush=True)
+    comp = fronts["comparison"]
     figures = {
         "bytes_per_token": {name: round(r["parquet/zstd"], 1) for name, r in sizes.items()},
         "rskd_bytes_per_token": round(sizes["rskd50"]["parquet/zstd"], 1),
@@ -274,6 +303,13 @@ def main() -> None:
         "rskd_distinct_ids_max": int(distinct_all.max()),
         "tokens": tokens,
         "heldout_tokens": counts["heldout"],
+        "compact_k128_bytes": round(comp["k=128 compact6"]["bytes_per_token"], 1),
+        "compact_k128_kl_over_oracle": round(comp["k=128 compact6"]["kl_over_oracle"], 4),
+        "compact_k50_bytes": round(comp["k=50 compact6"]["bytes_per_token"], 1),
+        "compact_k50_kl_over_oracle": round(comp["k=50 compact6"]["kl_over_oracle"], 4),
+        "frontier": {corpus: {key: {m: round(v, 4) for m, v in f.items()} for key, f in rows.items()}
+                     for corpus, rows in fronts.items()},
+        "compact_parts_bytes_per_token": parts,
     }
     if not args.no_results:
         write_results(figures, teacher_name, torch.__version__)
@@ -283,8 +319,8 @@ def main() -> None:
 def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
     cmd = ".venv/bin/python benchmarks/storage.py " + " ".join(sys.argv[1:])
     out = io.StringIO()
-    out.write(f"Command: `{cmd.strip()}`  \nMachine: 2-core AMD EPYC CPU (shared), {platform.machine()}, no GPU, "
-              f"torch {torch_version}\n\n")
+    out.write(f"Command: `{cmd.strip()}`  \nMachine: {processor()} (shared with other work while measured), "
+              f"{platform.machine()}, no GPU, torch {torch_version}\n\n")
     out.write(f"Teacher: {teacher_name}, V = 49152. Data: demo corpus (stdlib source), {figures['tokens']} tokens, "
               f"{figures['heldout_tokens']} of them held out for fidelity. Definitions: see the docstring of "
               "benchmarks/storage.py (reconstructions, KL/TVD/CE columns, reference student).\n\n")
@@ -343,6 +379,7 @@ def write_results(figures: dict, teacher_name: str, torch_version: str) -> None:
               "The figure depends on the text: this 3269-token slice draws 14.4 distinct ids per position, the "
               "12117 tokens above 13.3. Zarr keeps fixed padded slots (a flat sample axis would need a second "
               "offsets array per shard), so it stays 3-5 B/token above Parquet for RS-KD caches; its inner chunks of at most 256 KiB (shard_zarr.py: smaller chunks decode faster, benchmarks/loader.py) cost it 37.6 -> 39.2 B/token on the 12117 tokens, against 16384-row chunks.\n")
+    out.write(frontier_markdown(figures))
     update_results("Storage size and fidelity", out.getvalue())
 
 

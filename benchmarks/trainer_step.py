@@ -97,7 +97,7 @@ class Stepper:
 
     def step(self, mode: str, batch) -> float:
         from online_kd import online_step
-        from student_trainer.losses import KDConfig
+        from student_trainer.kd_mix import KDConfig
 
         if mode == "online":
             return online_step(self.student, self.teacher, batch, self.optimizer, vocab_size=self.vocab)["loss"]

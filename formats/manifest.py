@@ -19,6 +19,7 @@ from formats.schema import (
     FieldSpec,
     check_field_table,
     top_k_of,
+    topk_encoding_of,
 )
 
 MANIFEST_NAME = "manifest.json"
@@ -225,7 +226,11 @@ def manifest_from_json(obj: object, where: str = MANIFEST_NAME) -> Manifest:
             raise CacheError(f"{where}: {key} must be an object")
     fields = {name: FieldSpec.from_json(name, spec) for name, spec in obj["fields"].items()}
     check_field_table(fields)
-    _int(obj["tokenizer"], "vocab_size", f"{where} tokenizer", 1, MAX_VOCAB)
+    vocab = _int(obj["tokenizer"], "vocab_size", f"{where} tokenizer", 1, MAX_VOCAB)
+    encoding = topk_encoding_of(fields)
+    if encoding is not None and 256**encoding.rank_bytes < vocab:
+        raise CacheError(f"{where}: the compact top-k's {encoding.rank_bytes} rank bytes cannot hold ranks of a "
+                         f"{vocab}-id vocabulary")
     _int(obj["build"], "top_k", f"{where} build", 0)
     if obj["build"]["top_k"] != top_k_of(fields):
         raise CacheError(f"{where}: build.top_k disagrees with the shape of topk_ids")

@@ -6,15 +6,17 @@ S = RS-KD sample slots, d = hidden size.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from formats.errors import CacheError
+from formats.topk_codec import DEFAULT_LOGPROB_BITS, CompactTopk
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = "1.1.0"
+FORMAT_VERSION = "1.2.0"
 READABLE_MAJOR = 1
 
 # Storage numpy dtype for each named dtype. BF16 has no numpy type: its raw bits live in uint16.
@@ -28,18 +30,20 @@ DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype("<u2"),
 }
 LOGPROB_DTYPES = ("F32", "F16", "BF16")
+TOPK_ENCODINGS = ("plain", "compact")
 HIDDEN_DTYPES = ("F16", "BF16")
 COUNT_DTYPES = ("U8", "U16")
 
 # zstd level the writers use per field. RS-KD samples are most of an RS-KD cache's bytes and are compressed
 # once, in the builder's background writer thread: level 9 saves ~7% of them for about half the speed of
-# level 3 (benchmarks/storage.py). Readers need no setting.
-_ZSTD_LEVELS = {"sample_ids": 9, "sample_counts": 9}
+# level 3 (benchmarks/storage.py). The parts of a compact top-k (stored names, formats/layout.py) are most of a
+# compact cache: level 9 saves ~3% of them at ~200k tokens/s for k = 128; level 19 would save 5% more at ~12k.
+_ZSTD_LEVELS = {"sample_ids": 9, "sample_counts": 9, "topk_ids/table": 9, "topk_logprobs/codes": 9}
 
 
 def zstd_level(name: str) -> int:
-    """The zstd level both backends' writers use for field `name`."""
-    return _ZSTD_LEVELS.get(name, 3)
+    """The zstd level both backends' writers use for field (or stored part) `name`."""
+    return _ZSTD_LEVELS.get(name, 9 if name.startswith("topk_ids/rank") else 3)
 
 # Limits checked before any allocation (SPEC.md, "Limits a reader enforces").
 MAX_SHARD_TOKENS = 2**31
@@ -51,23 +55,29 @@ MAX_VOCAB = 2**31 - 1
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One array of the cache: `per` token or sequence, a named dtype, a fixed trailing shape."""
+    """One array of the cache: `per` token or sequence, a named dtype, a fixed trailing shape; the top-k fields
+    may name a compact `encoding` (format 1.2). The arrays a shard stores (formats/layout.py) are described the
+    same way, and there `per` may also be "shard": one 1-D array for the whole shard."""
 
-    per: str  # "token" | "sequence"
+    per: str  # "token" | "sequence" (| "shard" for stored parts only)
     dtype: str  # a key of DTYPES
     shape: tuple[int, ...] = ()
+    encoding: CompactTopk | None = None  # None: stored as the array itself
 
     @property
     def np_dtype(self) -> np.dtype:
         return DTYPES[self.dtype]
 
     def to_json(self) -> dict:
-        return {"per": self.per, "dtype": self.dtype, "shape": list(self.shape)}
+        out = {"per": self.per, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.encoding is not None:
+            out["encoding"] = self.encoding.to_json()
+        return out
 
     @staticmethod
     def from_json(name: str, obj: object) -> "FieldSpec":
-        if not isinstance(obj, dict) or set(obj) != {"per", "dtype", "shape"}:
-            raise CacheError(f"manifest field {name!r}: expected keys per, dtype, shape, got {obj!r}")
+        if not isinstance(obj, dict) or set(obj) - {"encoding"} != {"per", "dtype", "shape"}:
+            raise CacheError(f"manifest field {name!r}: expected keys per, dtype, shape (and encoding), got {obj!r:.300}")
         per, dtype, shape = obj["per"], obj["dtype"], obj["shape"]
         if per not in ("token", "sequence"):
             raise CacheError(f"manifest field {name!r}: per must be 'token' or 'sequence', got {per!r}")
@@ -77,7 +87,8 @@ class FieldSpec:
             raise CacheError(f"manifest field {name!r}: shape must be a list of ints, got {shape!r}")
         if len(shape) > 1 or any(s < 1 or s > max(MAX_K, MAX_HIDDEN) for s in shape):
             raise CacheError(f"manifest field {name!r}: shape {shape} out of range")
-        return FieldSpec(per, dtype, tuple(shape))
+        encoding = CompactTopk.from_json(name, obj["encoding"]) if "encoding" in obj else None
+        return FieldSpec(per, dtype, tuple(shape), encoding)
 
 
 def make_fields(
@@ -89,20 +100,35 @@ def make_fields(
     loss_mask: bool = False,
     position_ids: bool = False,
     byte_offsets: bool = False,
+    topk_encoding: str = "plain",
+    logprob_bits: int = DEFAULT_LOGPROB_BITS,
+    vocab_size: int | None = None,
 ) -> dict[str, FieldSpec]:
     """The field table of a cache with these options; `hidden` maps layer index -> (hidden size, dtype).
 
-    `top_k` 0 makes a samples-only (RS-KD) cache: no top-k fields, so it needs `sample_slots`."""
+    `top_k` 0 makes a samples-only (RS-KD) cache: no top-k fields, so it needs `sample_slots`.
+    `topk_encoding` "compact" stores the top-k in `logprob_bits`-bit codes (SPEC.md, "Compact top-k"); the
+    writer then takes float32 log-probs (`logprob_dtype` F32) and needs the tokenizer's `vocab_size`."""
     if not 0 <= top_k <= MAX_K:
         raise CacheError(f"top_k must be in [0, {MAX_K}], got {top_k}")
     if top_k == 0 and not sample_slots:
         raise CacheError("top_k 0 stores no teacher distribution unless RS-KD samples are kept (sample draws > 0)")
     if logprob_dtype not in LOGPROB_DTYPES:
         raise CacheError(f"logprob dtype must be one of {LOGPROB_DTYPES}, got {logprob_dtype!r}")
+    if topk_encoding not in TOPK_ENCODINGS:
+        raise CacheError(f"top-k encoding must be one of {TOPK_ENCODINGS}, got {topk_encoding!r}")
     fields = {"input_ids": FieldSpec("token", "I32")}
     if top_k:
         fields["topk_ids"] = FieldSpec("token", "I32", (top_k,))
         fields["topk_logprobs"] = FieldSpec("token", logprob_dtype, (top_k,))
+    if topk_encoding == "compact":
+        if top_k < 2:
+            raise CacheError(f"compact top-k needs top_k >= 2 (the top-1 is stored apart), got {top_k}")
+        if logprob_dtype != "F32":
+            raise CacheError(f"compact top-k quantizes float32 log-probs: capture them as F32, not {logprob_dtype}")
+        if vocab_size is None:
+            raise CacheError("compact top-k needs the vocabulary size (its rank bytes depend on it)")
+        fields = with_topk_encoding(fields, CompactTopk.make(logprob_bits, vocab_size))
     fields.update(tail_logmass=FieldSpec("token", "F32"), target_logprob=FieldSpec("token", "F32"),
                   doc_index=FieldSpec("sequence", "I64"))
     if loss_mask:
@@ -123,6 +149,21 @@ def make_fields(
             raise CacheError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {dtype!r}")
         fields[f"hidden/{layer}"] = FieldSpec("token", dtype, (size,))
     return fields
+
+
+def with_topk_encoding(fields: dict[str, FieldSpec], encoding: CompactTopk | None) -> dict[str, FieldSpec]:
+    """The field table with its top-k fields stored with `encoding` (None: plain); a compact top-k is F32."""
+    out = dict(fields)
+    if "topk_ids" in out:
+        out["topk_ids"] = dataclasses.replace(out["topk_ids"], encoding=encoding)
+        dtype = "F32" if encoding is not None else out["topk_logprobs"].dtype
+        out["topk_logprobs"] = dataclasses.replace(out["topk_logprobs"], dtype=dtype, encoding=encoding)
+    return out
+
+
+def topk_encoding_of(fields: dict[str, FieldSpec]) -> CompactTopk | None:
+    """The compact encoding of a field table's top-k, None when it is plain (or absent)."""
+    return fields["topk_ids"].encoding if "topk_ids" in fields else None
 
 
 REQUIRED_FIELDS = ("input_ids", "tail_logmass", "target_logprob", "doc_index")
@@ -155,6 +196,11 @@ def check_field_table(fields: dict[str, FieldSpec]) -> None:
             raise CacheError("manifest fields: topk_ids and topk_logprobs have different k")
         if fields["topk_ids"].shape[0] > MAX_K:
             raise CacheError(f"manifest field 'topk_ids': k = {fields['topk_ids'].shape[0]} is above the limit {MAX_K}")
+        encoding = fields["topk_ids"].encoding
+        if fields["topk_logprobs"].encoding != encoding:
+            raise CacheError("manifest fields: topk_ids and topk_logprobs must carry the same encoding")
+        if encoding is not None and (fields["topk_logprobs"].dtype != "F32" or fields["topk_ids"].shape[0] < 2):
+            raise CacheError("manifest field 'topk_logprobs': a compact top-k is F32 with k >= 2")
     if ("sample_ids" in fields) != ("sample_counts" in fields):
         raise CacheError("manifest fields: sample_ids and sample_counts come together")
     if "sample_ids" in fields:
@@ -167,6 +213,8 @@ def check_field_table(fields: dict[str, FieldSpec]) -> None:
     fixed = {"loss_mask": FieldSpec("token", "U8"), "position_ids": FieldSpec("token", "I32"),
              "byte_offsets": FieldSpec("token", "I32", (2,))}
     for name, spec in fields.items():
+        if spec.encoding is not None and name not in TOPK_FIELDS:
+            raise CacheError(f"manifest field {name!r}: only the top-k fields may name an encoding")
         if name in REQUIRED_FIELDS or name in TOPK_FIELDS or name in ("sample_ids", "sample_counts"):
             continue
         if name in fixed:

@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from formats.errors import CacheError
+from formats.layout import TABLE, is_byte_plane, shard_table, stored_fields, to_logical, to_stored
+from formats.parquet_pages import NotDirect, direct_column
 from formats.schema import FORMAT_NAME, FORMAT_VERSION, FieldSpec, SeqBlock, zstd_level
 
 ROW_GROUP_TOKENS = 16384
@@ -30,25 +32,37 @@ RAGGED = {"sample_ids": -1, "sample_counts": 0}  # field -> its padding value
 
 
 def arrow_type(spec: FieldSpec, name: str = "") -> pa.DataType:
+    """The Arrow type of a stored array (formats/layout.py): a field, or a part of a compact top-k."""
     t = _ARROW[spec.dtype]
-    if name in RAGGED:
-        return pa.list_(pa.list_(t))
+    if name in RAGGED or spec.per == "shard":  # a shard array is the list of the first row; the others are empty
+        return pa.list_(pa.list_(t)) if name in RAGGED else pa.list_(t)
+    if is_byte_plane(name):  # one opaque byte string per token: 1 byte per value, not Arrow's 4-byte INT32 for U8
+        return pa.list_(pa.binary(spec.shape[0]))
     if spec.shape:
         t = pa.list_(t, spec.shape[0])  # fixed_size_list
     return pa.list_(t) if spec.per == "token" else t
 
 
 def arrow_schema(fields: dict[str, FieldSpec]) -> pa.Schema:
+    """Columns: the stored arrays of `fields`; metadata: the (logical) field table."""
     meta = {
         "kdcache.format": FORMAT_NAME,
         "kdcache.format_version": FORMAT_VERSION,
         "kdcache.fields": json.dumps({n: s.to_json() for n, s in fields.items()}, sort_keys=True),
     }
-    return pa.schema([pa.field(n, arrow_type(s, n), nullable=False) for n, s in fields.items()], metadata=meta)
+    stored = stored_fields(fields)
+    return pa.schema([pa.field(n, arrow_type(s, n), nullable=False) for n, s in stored.items()], metadata=meta)
 
 
-def _column(block: SeqBlock, name: str, spec: FieldSpec, drawn: np.ndarray | None) -> pa.Array:
-    """One field of `block` as its Arrow column; `drawn`: the block's `_drawn_slots` (RS-KD caches)."""
+def _column(block: SeqBlock, name: str, spec: FieldSpec, drawn: np.ndarray | None, shard: np.ndarray | None) -> pa.Array:
+    """One stored array of `block` as its Arrow column; `drawn`: the block's `_drawn_slots` (RS-KD caches);
+    `shard`: for a shard array, the array in the block that holds the shard's first row, else None."""
+    if spec.per == "shard":
+        lengths = np.zeros(len(block) + 1, dtype=np.int32)
+        lengths[1:] = len(shard) if shard is not None else 0
+        lengths[2:] = lengths[1]  # only the first row holds the array
+        values = shard if shard is not None else np.zeros(0, spec.np_dtype)
+        return pa.ListArray.from_arrays(pa.array(lengths), pa.array(values, type=_ARROW[spec.dtype]))
     if spec.per == "sequence":
         arr = block.sequence[name]
         values = pa.array(arr.reshape(-1), type=_ARROW[spec.dtype])
@@ -60,6 +74,9 @@ def _column(block: SeqBlock, name: str, spec: FieldSpec, drawn: np.ndarray | Non
         np.cumsum(drawn.sum(axis=1), out=inner[1:])
         per_token = pa.ListArray.from_arrays(pa.array(inner), pa.array(arr[drawn], type=_ARROW[spec.dtype]))
         return pa.ListArray.from_arrays(offsets, per_token)
+    if is_byte_plane(name):
+        data = pa.py_buffer(np.ascontiguousarray(arr).reshape(-1))
+        return pa.ListArray.from_arrays(offsets, pa.Array.from_buffers(pa.binary(spec.shape[0]), len(arr), [None, data]))
     values = pa.array(arr.reshape(-1), type=_ARROW[spec.dtype])
     if spec.shape:
         values = pa.FixedSizeListArray.from_arrays(values, spec.shape[0])
@@ -82,33 +99,42 @@ def _drawn_slots(block: SeqBlock) -> np.ndarray:
 def leaf_paths(fields: dict[str, FieldSpec]) -> dict[str, str]:
     """Field -> the path of its Parquet leaf column. Arrow keys per-column writer settings by these paths and
     silently applies its defaults to a column the settings do not name."""
-    return {n: n + ".list.element" * ((s.per == "token") + bool(s.shape)) for n, s in fields.items()}
+    return {n: n + ".list.element" * (1 if s.per == "shard" or is_byte_plane(n) else (s.per == "token") + bool(s.shape))
+            for n, s in fields.items()}
 
 
 COMPRESSIONS = ("zstd", "none")
 
 
-def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression: str = "zstd") -> None:
-    """Write `block` as one Parquet file at `path` (the caller publishes it atomically).
+def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression: str = "zstd") -> SeqBlock:
+    """Write `block` as one Parquet file at `path` (the caller publishes it atomically); returns the logical
+    block that reading the file gives back (`block` itself unless the top-k is compact: then it is quantized).
 
     `compression` "none" exists to measure what zstd saves (benchmarks/storage.py); caches are written with
     zstd (SPEC.md). Readers need no setting: Parquet records each column chunk's codec."""
     if compression not in COMPRESSIONS:
         raise CacheError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     schema = arrow_schema(fields)
+    stored, shard_arrays, logical = to_stored(block, fields)
+    fields = stored_fields(fields)
     leaf = leaf_paths(fields)
     codec: dict = {"compression": "none"}
     if compression == "zstd":
         codec = {"compression": "zstd", "compression_level": {leaf[n]: zstd_level(n) for n in fields}}
     # Byte-stream split puts the three zero bytes of each INT32-stored count in streams of their own, which zstd
     # then all but drops (benchmarks/storage.py: 6.9 -> 4.4 B/token for 50 U8 count slots).
-    encoding = {leaf[n]: "BYTE_STREAM_SPLIT" for n in fields if n == "sample_counts"}
+    # Float32 per-token values (tail, target, a compact top-1) and a compact top-k's rank table gain the same way,
+    # less (benchmarks/RESULTS.md, "Storage size and fidelity": 0.1-0.3 B/token per float column, a quarter of the table).
+    encoding = {leaf[n]: "BYTE_STREAM_SPLIT" for n, s in fields.items()
+                if n in ("sample_counts", TABLE) or (s.dtype == "F32" and s.per == "token" and not s.shape)}
     with pq.ParquetWriter(path, schema, use_dictionary=False, write_statistics=False, column_encoding=encoding or None,
                           **codec) as writer:
-        for start, stop in _row_groups(block.offsets):
-            part = block.slice(start, stop)
+        for start, stop in _row_groups(stored.offsets):
+            part = stored.slice(start, stop)
             drawn = _drawn_slots(part) if "sample_ids" in fields else None
-            writer.write_table(pa.Table.from_arrays([_column(part, n, s, drawn) for n, s in fields.items()], schema=schema))
+            columns = [_column(part, n, s, drawn, shard_arrays.get(n) if start == 0 else None) for n, s in fields.items()]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+    return logical
 
 
 def _row_groups(offsets: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -124,6 +150,15 @@ def _row_groups(offsets: np.ndarray) -> Iterator[tuple[int, int]]:
             stop += 1
         yield start, stop
         start = stop
+
+
+def _bytes(values: pa.Array, spec: FieldSpec, where: str) -> np.ndarray:
+    """(rows, m) uint8 view of a fixed_size_binary(m) array."""
+    if values.null_count:
+        raise CacheError(f"{where}: column has nulls")
+    width = spec.shape[0]
+    data = np.frombuffer(values.buffers()[1], dtype=np.uint8)
+    return data[values.offset * width : (values.offset + len(values)) * width].reshape(len(values), width)
 
 
 def _numpy(values: pa.Array, spec: FieldSpec, where: str) -> np.ndarray:
@@ -161,6 +196,9 @@ def _block_from_table(table: pa.Table, fields: dict[str, FieldSpec], where: str)
                 block.token[name], lengths = _pad_slots(values, spec, RAGGED[name], f"{where} column {name!r}")
                 sample_lengths.append(lengths)
                 continue
+            if is_byte_plane(name):
+                block.token[name] = _bytes(values, spec, f"{where} column {name!r}")
+                continue
             if spec.shape:
                 values = values.flatten()
             block.token[name] = _numpy(values, spec, f"{where} column {name!r}").reshape(-1, *spec.shape)
@@ -188,147 +226,13 @@ def _pad_slots(per_token: pa.ListArray, spec: FieldSpec, pad: int, where: str) -
     return out, lengths
 
 
-
-# ------------------------------------------------------------------------------------------- direct page reads
-#
-# Arrow decodes a `list<fixed_size_list<T, n>>` column value by value through repetition and definition
-# levels: about 0.1-0.2 GB/s here, 3-5x slower than the zstd underneath (benchmarks/loader.py; FACTS.md saw
-# the same). kdcache's writer makes these columns one way only (data pages v1, PLAIN values, no nulls), so
-# for them the pages are read directly: page header, zstd, skip the two level runs, view the values. Any
-# page that is not exactly that, and any error, sends the column back to Arrow, which has the last word.
-
-
-class _NotDirect(Exception):
-    """This column chunk is not in the layout the direct path reads; Arrow reads it."""
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    out = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        out |= (b & 0x7F) << shift
-        if b < 0x80:
-            return out, pos
-        shift += 7
-
-
-def _thrift_skip(buf, pos: int, ttype: int) -> int:
-    """Skip one Thrift compact-protocol value of type `ttype` at `pos`."""
-    if ttype in (1, 2):  # booleans live in the field header
-        return pos
-    if ttype == 3:
-        return pos + 1
-    if ttype in (4, 5, 6):
-        return _varint(buf, pos)[1]
-    if ttype == 7:
-        return pos + 8
-    if ttype == 8:
-        n, pos = _varint(buf, pos)
-        return pos + n
-    if ttype in (9, 10):
-        head = buf[pos]
-        size, etype = head >> 4, head & 0x0F
-        pos += 1
-        if size == 15:
-            size, pos = _varint(buf, pos)
-        for _ in range(size):
-            pos = _thrift_skip(buf, pos, etype)
-        return pos
-    if ttype == 12:
-        return thrift_struct(buf, pos, 8)[1]  # skipped structs: no deeper nesting is needed
-    raise _NotDirect(f"thrift type {ttype}")
-
-
-def thrift_struct(buf, pos: int, depth: int = 0) -> tuple[dict[int, object], int]:
-    """A Thrift compact struct at `pos`: {field id: int value or nested struct dict} (other types skipped)."""
-    if depth > 8:  # page headers nest 2 deep; a crafted file must not exhaust the stack
-        raise _NotDirect("thrift nesting")
-    got: dict[int, object] = {}
-    last = 0
-    while True:
-        head = buf[pos]
-        pos += 1
-        if head == 0:
-            return got, pos
-        delta, ttype = head >> 4, head & 0x0F
-        if delta:
-            fid = last + delta
-        else:
-            raw, pos = _varint(buf, pos)
-            fid = (raw >> 1) ^ -(raw & 1)
-        last = fid
-        if ttype in (4, 5, 6):
-            raw, pos = _varint(buf, pos)
-            got[fid] = (raw >> 1) ^ -(raw & 1)
-        elif ttype == 12:
-            got[fid], pos = thrift_struct(buf, pos, depth + 1)
-        else:
-            pos = _thrift_skip(buf, pos, ttype)
-
-
-def column_pages(buf, start: int, length: int) -> list[dict]:
-    """Headers of the pages of one column chunk: {type, uncompressed, compressed, body (offset), header}."""
-    pages, pos, end = [], start, start + length
-    while pos < end:
-        head, body = thrift_struct(buf, pos)
-        pages.append({"type": head.get(1), "uncompressed": head.get(2), "compressed": head.get(3), "body": body,
-                      "header": head})
-        pos = body + head.get(3, 0)
-    if pos != end:
-        raise _NotDirect("pages overrun the column chunk")
-    return pages
-
-
-# Parquet physical storage of each named dtype as written by Arrow: (physical type, bytes per value).
-_PHYSICAL = {"I32": ("INT32", 4), "I64": ("INT64", 8), "U8": ("INT32", 4), "U16": ("INT32", 4), "BF16": ("INT32", 4),
-             "F32": ("FLOAT", 4), "F16": ("FIXED_LEN_BYTE_ARRAY", 2)}
-_PLAIN_DTYPE = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"), "FLOAT": np.dtype("<f4"),
-                "FIXED_LEN_BYTE_ARRAY": np.dtype("<f2")}
-
-
-def _direct_column(data: pa.Buffer, meta, group: int, col: int, spec: FieldSpec) -> np.ndarray:
-    """The values of one list<fixed_size_list> column chunk, straight from its pages (see above)."""
-    chunk = meta.row_group(group).column(col)
-    column = meta.schema.column(col)
-    physical, size = _PHYSICAL[spec.dtype]
-    if column.physical_type != physical or chunk.compression not in ("ZSTD", "UNCOMPRESSED") or \
-            chunk.dictionary_page_offset is not None or not set(chunk.encodings) <= {"PLAIN", "RLE"}:
-        raise _NotDirect("column layout")
-    codec = pa.Codec("zstd") if chunk.compression == "ZSTD" else None
-    # An untrusted file's page header may claim any decompressed size: never allocate more than the chunk's
-    # values (plus their level runs, at most a few bytes per value) can take.
-    budget = chunk.num_values * (size + 4) + 1024
-    parts = []
-    for page in column_pages(memoryview(data).cast("B"), chunk.data_page_offset, chunk.total_compressed_size):
-        dph = page["header"].get(5)
-        if page["type"] != 0 or not isinstance(dph, dict) or dph.get(2) != 0:  # DATA_PAGE v1, PLAIN values
-            raise _NotDirect("page type or encoding")
-        if not isinstance(page["uncompressed"], int) or not 0 <= page["uncompressed"] <= budget:
-            raise _NotDirect("page size")
-        budget -= page["uncompressed"]
-        raw = data[page["body"] : page["body"] + page["compressed"]]
-        body = codec.decompress(raw, decompressed_size=page["uncompressed"]) if codec else raw
-        view = memoryview(body)
-        pos = 0
-        for levels in (column.max_repetition_level, column.max_definition_level):
-            if levels:  # v1 level runs: a 4-byte little-endian length, then the RLE/bit-packed run
-                pos += 4 + int.from_bytes(view[pos : pos + 4], "little")
-        n = dph[1]
-        if len(view) - pos != n * size:  # nulls or empty lists would leave fewer values than levels
-            raise _NotDirect("value count")
-        parts.append(np.frombuffer(view, _PLAIN_DTYPE[physical], count=n, offset=pos))
-    values = np.concatenate(parts) if len(parts) != 1 else parts[0]
-    return values if values.dtype == spec.np_dtype else values.astype(spec.np_dtype) if spec.dtype in ("U8", "U16", "BF16") \
-        else values.view(spec.np_dtype)
-
-
 class ParquetShard:
     """Reads one Parquet shard: whole, by row group, or a range of sequences."""
 
     def __init__(self, source, fields: dict[str, FieldSpec], where: str):
         # `source` is a local path or an open binary file from fsspec.
         self.fields = fields
+        self.stored = {n: s for n, s in stored_fields(fields).items() if s.per != "shard"}  # read per row group
         self.where = where
         try:
             self.file = pq.ParquetFile(source, memory_map=isinstance(source, str))
@@ -346,12 +250,35 @@ class ParquetShard:
         if self.path is not None:
             schema = self.file.schema_arrow
             leaves = {meta.schema.column(c).path.split(".")[0]: c for c in range(meta.num_columns)}
-            for name, spec in fields.items():
+            for name, spec in self.stored.items():
                 # (1.1 sample columns are ragged, so only a 1.0 shard's padded ones match here)
                 if (spec.per == "token" and spec.shape and name in leaves and name in schema.names
-                        and schema.field(name).type == arrow_type(spec)):
+                        and schema.field(name).type == arrow_type(spec, "" if name in RAGGED else name)):
                     self.direct[name] = leaves[name]
         self._data = None
+        self.table = shard_table(self._shard_arrays(fields), fields, where)
+
+    def _shard_arrays(self, fields: dict[str, FieldSpec]) -> dict[str, np.ndarray]:
+        """The shard arrays (a compact top-k's rank table): the first row of row group 0; every other row empty."""
+        out = {}
+        for name, spec in stored_fields(fields).items():
+            if spec.per != "shard":
+                continue
+            if name not in self.file.schema_arrow.names or self.file.schema_arrow.field(name).type != arrow_type(spec, name):
+                raise CacheError(f"{self.where}: column {name!r} is missing or not {arrow_type(spec, name)}")
+            lists = []
+            for g in range(self.file.metadata.num_row_groups):
+                try:
+                    col = self.file.read_row_group(g, columns=[name]).column(name)
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise CacheError(f"{self.where}: row group {g} is unreadable ({e})") from None
+                lists += [c for c in col.chunks]
+            arr = pa.concat_arrays(lists) if lists else pa.array([], arrow_type(spec, name))
+            lengths = np.diff(arr.offsets.to_numpy())
+            if arr.null_count or np.count_nonzero(lengths[1:]):
+                raise CacheError(f"{self.where}: column {name!r} must hold its array in the first row only")
+            out[name] = _numpy(arr.flatten(), spec, f"{self.where} column {name!r}")
+        return out
 
     @property
     def num_sequences(self) -> int:
@@ -373,25 +300,26 @@ class ParquetShard:
                 self._data = pa.memory_map(self.path, "r").read_buffer()  # zero-copy view of the file
             for name, col in self.direct.items():
                 try:
-                    direct[name] = _direct_column(self._data, self.file.metadata, i, col, self.fields[name])
-                except (_NotDirect, pa.ArrowException, IndexError, ValueError, OSError, RecursionError):
+                    direct[name] = direct_column(self._data, self.file.metadata, i, col, self.stored[name],
+                                                  is_byte_plane(name))
+                except (NotDirect, pa.ArrowException, IndexError, ValueError, OSError, RecursionError):
                     pass  # not the layout this path reads, or damaged: Arrow reads it (and reports damage)
-        rest = [n for n in self.fields if n not in direct]
+        rest = [n for n in self.stored if n not in direct]
         try:
             table = self.file.read_row_group(i, columns=rest)
         except (pa.ArrowInvalid, OSError) as e:
             raise CacheError(f"{self.where}: row group {i} is unreadable ({e})") from None
         where = f"{self.where} row group {i}"
-        block = _block_from_table(table, {n: self.fields[n] for n in rest}, where)
+        block = _block_from_table(table, {n: self.stored[n] for n in rest}, where)
         tokens = block.num_tokens
         for name, values in direct.items():
-            shape = self.fields[name].shape
+            shape = self.stored[name].shape
             if len(values) != tokens * shape[0]:
                 raise CacheError(f"{where}: column {name!r} holds {len(values)} values, expected {tokens} tokens x {shape[0]}")
             block.token[name] = values.reshape(tokens, *shape)
         if direct:  # keep the field order of the manifest, as the Arrow path does
-            block.token = {n: block.token[n] for n in self.fields if n in block.token}
-        return block
+            block.token = {n: block.token[n] for n in self.stored if n in block.token}
+        return to_logical(block, self.fields, self.table, where)
 
     def block_ranges(self) -> list[tuple[int, int]]:
         """(first, stop) sequence ranges of the read units (row groups), in order."""

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import CacheError
-from formats.schema import FORMAT_NAME, FORMAT_VERSION, FieldSpec, SeqBlock, zstd_level
+from formats.layout import shard_table, stored_fields, to_logical, to_stored
+from formats.schema import FORMAT_NAME, FORMAT_VERSION, MAX_VOCAB, FieldSpec, SeqBlock, zstd_level
 
 # Readers stream a shard in blocks of whole sequences, about BLOCK_TOKENS tokens each; the loader's epoch order
 # is built from these blocks, so BLOCK_TOKENS must not change. A block starts and ends inside inner chunks, and
@@ -48,8 +49,9 @@ def _create(group, name: str, data: np.ndarray, chunk_rows: int, attributes: dic
         arr[...] = data
 
 
-def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression: str = "zstd") -> None:
-    """Write `block` as a Zarr v3 group at directory `path` (the caller publishes it atomically).
+def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression: str = "zstd") -> SeqBlock:
+    """Write `block` as a Zarr v3 group at directory `path` (the caller publishes it atomically); returns the
+    logical block that reading the group gives back (`block` itself unless the top-k is compact: then quantized).
 
     `compression` "none" exists to measure what zstd saves (benchmarks/storage.py); caches are written with
     zstd (SPEC.md). Readers need no setting: each array's metadata names its codecs."""
@@ -64,20 +66,22 @@ def write(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], compression
         "kdcache.fields": {n: s.to_json() for n, s in fields.items()},
     }
     group = zarr.create_group(zarr.storage.LocalStore(str(path)), zarr_format=3, attributes=attrs)
-    _create(group, "seq_offsets", np.ascontiguousarray(block.offsets - block.offsets[0], dtype="<i8"), 1 << 20,
+    stored, shard_arrays, logical = to_stored(block, fields)
+    _create(group, "seq_offsets", np.ascontiguousarray(stored.offsets - stored.offsets[0], dtype="<i8"), 1 << 20,
             compression=compression)
-    hidden = None
-    for name, spec in fields.items():
-        data = (block.token if spec.per == "token" else block.sequence)[name]
+    subgroups = {}
+    for name, spec in stored_fields(fields).items():
+        data = {"token": stored.token, "sequence": stored.sequence, "shard": shard_arrays}[spec.per][name]
         attributes = {"kdcache_dtype": "BF16"} if spec.dtype == "BF16" else None
         target, leaf = group, name
-        if name.startswith("hidden/"):
-            hidden = hidden or group.create_group("hidden")
-            target, leaf = hidden, name.split("/", 1)[1]
+        if "/" in name:  # hidden/<L>, and the parts of a compact top-k (topk_ids/top1, ...)
+            parent, leaf = name.split("/", 1)
+            target = subgroups.get(parent) or subgroups.setdefault(parent, group.create_group(parent))
         # Chunk by bytes, not rows, so wide hidden rows do not make huge chunks.
         row_bytes = max(1, data[:1].nbytes)
         _create(target, leaf, data, max(1, min(CHUNK_TOKENS, CHUNK_BYTES // row_bytes)), attributes, compression,
                 zstd_level(name))
+    return logical
 
 
 class ZarrShard:
@@ -97,20 +101,28 @@ class ZarrShard:
         # Check every array's metadata against the manifest before reading any data, so a shard
         # claiming absurd sizes is refused without allocating.
         self.arrays = {"seq_offsets": self._array("seq_offsets", (sequences + 1,), "I64")}
-        for name, spec in fields.items():
-            rows = tokens if spec.per == "token" else sequences
+        self.stored = stored_fields(fields)
+        for name, spec in self.stored.items():
+            rows = {"token": tokens, "sequence": sequences, "shard": None}[spec.per]
             self.arrays[name] = self._array(name, (rows, *spec.shape), spec.dtype)
         self.direct = _direct_readers(store, self.arrays)
         self.offsets = self._read("seq_offsets", slice(None))
         if self.offsets[0] != 0 or self.offsets[-1] != tokens or np.any(np.diff(self.offsets) < 0):
             raise CacheError(f"{where}: seq_offsets do not cut {tokens} tokens into sequences")
+        shard_arrays = {n: self._read(n, slice(None)) for n, s in self.stored.items() if s.per == "shard"}
+        self.table = shard_table(shard_arrays, fields, where)
 
     def _array(self, name: str, shape: tuple, dtype: str):
         try:
             arr = self.group[name]
         except KeyError:
             raise CacheError(f"{self.where}: array {name!r} is missing") from None
-        if tuple(arr.shape) != shape:
+        except (ValueError, TypeError, json.JSONDecodeError) as e:  # metadata zarr itself finds inconsistent
+            raise CacheError(f"{self.where}: array {name!r} is unreadable ({type(e).__name__}: {e})") from None
+        if shape[0] is None:  # a shard array: any length up to the largest vocabulary
+            if len(arr.shape) != 1 or arr.shape[0] > MAX_VOCAB:
+                raise CacheError(f"{self.where}: array {name!r} has shape {tuple(arr.shape)}, expected 1-D of at most {MAX_VOCAB}")
+        elif tuple(arr.shape) != shape:
             raise CacheError(f"{self.where}: array {name!r} has shape {tuple(arr.shape)}, manifest says {shape}")
         if str(arr.dtype) != _ZARR_DTYPE[dtype]:
             raise CacheError(f"{self.where}: array {name!r} has dtype {arr.dtype}, manifest says {dtype}")
@@ -136,12 +148,12 @@ class ZarrShard:
     def read_range(self, start: int, stop: int) -> SeqBlock:
         lo, hi = int(self.offsets[start]), int(self.offsets[stop])
         block = SeqBlock(offsets=self.offsets[start : stop + 1] - lo)
-        for name, spec in self.fields.items():
+        for name, spec in self.stored.items():
             if spec.per == "token":
                 block.token[name] = self._read(name, slice(lo, hi))
-            else:
+            elif spec.per == "sequence":
                 block.sequence[name] = self._read(name, slice(start, stop))
-        return block
+        return to_logical(block, self.fields, self.table, f"{self.where} sequences {start}:{stop}")
 
     def read_all(self) -> SeqBlock:
         return self.read_range(0, self.num_sequences)

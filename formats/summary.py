@@ -39,7 +39,7 @@ def describe_text(d: dict) -> str:
         f"{'complete' if d['complete'] else 'INCOMPLETE'})",
         f"teacher    {t.get('name')}  [{t.get('backend')} {t.get('backend_version', '')}, {t.get('dtype')}]",
         f"tokenizer  vocab {d['tokenizer']['vocab_size']}, fingerprint {str(d['tokenizer']['fingerprint'])[:16]}",
-        f"top-k      {d['top_k']}    RS-KD draws {d['sample_draws'] or '-'}",
+        f"top-k      {d['top_k']}{_compact(d['fields'])}    RS-KD draws {d['sample_draws'] or '-'}",
         "fields     " + ", ".join(f"{n} {f['dtype']}{f['shape'] or ''}" for n, f in d["fields"].items()),
     ]
     for split, s in d["splits"].items():
@@ -50,3 +50,8 @@ def describe_text(d: dict) -> str:
     lines.append("bytes/token (uncompressed)  "
                  + ", ".join(f"{k} {v}" for k, v in d["bytes_per_token"]["fields_uncompressed"].items()))
     return "\n".join(lines)
+
+
+def _compact(fields: dict) -> str:
+    enc = fields.get("topk_ids", {}).get("encoding")
+    return f" (compact, {enc['logprob_bits']}-bit log-prob codes)" if enc else ""

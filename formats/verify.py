@@ -10,7 +10,8 @@ import numpy as np
 from formats.errors import CacheError
 from formats.manifest import MANIFEST_NAME, ShardEntry
 from formats.reader import Cache, open_cache
-from formats.schema import SeqBlock, content_sha256, to_float32
+from formats.schema import SeqBlock, content_sha256, to_float32, topk_encoding_of
+from formats.topk_codec import CompactTopk
 from formats.writer import SHARD_DIR
 
 # |sum(top-k probs) + tail - 1| allowed for each stored log-prob dtype (SPEC.md, Fields).
@@ -48,17 +49,21 @@ def check_values(block: SeqBlock, cache: Cache, where: str) -> list[str]:
         srt = np.sort(ids, axis=1)
         bad("topk_ids", srt[:, 1:] == srt[:, :-1], "repeated id in one row")
 
-    lp_dtype = m.fields["topk_logprobs"].dtype if "topk_logprobs" in m.fields else "F32"
-    lp = to_float32(tok["topk_logprobs"], lp_dtype) if "topk_logprobs" in tok else np.zeros(ids.shape, np.float32)
+    enc = topk_encoding_of(m.fields)
+    # A compact top-k holds F32 values of a quantized source: its rounding is the source's.
+    lp_dtype = enc.source_dtype if enc else m.fields["topk_logprobs"].dtype if "topk_logprobs" in m.fields else "F32"
+    lp = to_float32(tok["topk_logprobs"], m.fields["topk_logprobs"].dtype) if "topk_logprobs" in tok \
+        else np.zeros(ids.shape, np.float32)
     bad("topk_logprobs", np.isnan(lp), "NaN")
     bad("topk_logprobs", lp > 0, "log-prob above 0")
     bad("topk_logprobs", lp[:, 1:] > lp[:, :-1], "not non-increasing along k")
     tail = tok["tail_logmass"]
     bad("tail_logmass", np.isnan(tail) | (tail > 0), "NaN or above 0")
-    with np.errstate(over="ignore", invalid="ignore"):
-        mass = np.exp(lp.astype(np.float64)).sum(axis=1) + np.exp(tail.astype(np.float64))
-    bad("tail_logmass", ~(np.abs(mass - 1.0) <= MASS_TOLERANCE[lp_dtype]),
-        f"top-k mass + tail differs from 1 by more than {MASS_TOLERANCE[lp_dtype]}")
+    if enc is None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            mass = np.exp(lp.astype(np.float64)).sum(axis=1) + np.exp(tail.astype(np.float64))
+        bad("tail_logmass", ~(np.abs(mass - 1.0) <= MASS_TOLERANCE[lp_dtype]),
+            f"top-k mass + tail differs from 1 by more than {MASS_TOLERANCE[lp_dtype]}")
 
     target = tok["target_logprob"]
     bad("target_logprob", ~np.isnan(target) & last, "not NaN at the last position of a sequence")
@@ -67,6 +72,9 @@ def check_values(block: SeqBlock, cache: Cache, where: str) -> list[str]:
     # Where the next token is in the top k, its target log-prob must be that entry's.
     nxt = np.append(tok["input_ids"][1:], -1)
     hit = (ids == nxt[:, None]) & ~last[:, None]
+    if enc is not None:  # only the top-1 is stored as it was; the others are checked against the bound below
+        problems += check_compact(ids, lp, tail, target, hit, enc, where)
+        hit[:, 1:] = False
     rows, cols = np.nonzero(hit)
     if len(rows):
         want, got = lp[rows, cols], target[rows]
@@ -102,6 +110,58 @@ def check_values(block: SeqBlock, cache: Cache, where: str) -> list[str]:
         if name.startswith("hidden/"):
             bad(name, ~np.isfinite(to_float32(tok[name], spec.dtype)), "non-finite values")
     bad("doc_index", block.sequence["doc_index"] < 0, "negative document index")
+    return problems
+
+
+def check_compact(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, target: np.ndarray, hit: np.ndarray,
+                  enc: CompactTopk, where: str) -> list[str]:
+    """The bound of a compact top-k (SPEC.md, "Compact top-k"), as far as the cache itself can show it.
+
+    Every entry after the top-1 holds a codebook value v_c, and the source's probability p of its id lay in
+    [v_{c-1}, v_{c+1}] (v_{-1} = 0; above the last code, up to the top-1's). So, per row: the source's top-k mass
+    1 - exp(tail) lies between the sums of the lower and upper neighbours; where the next token is one of these
+    entries, exp(target_logprob) lies between that entry's neighbours; the stored mass is at most the source's
+    (the writer's rounding never adds mass); and the top-1 is strictly the most probable entry."""
+    problems = []
+    k = ids.shape[1]
+    cb = enc.values
+    codes = np.searchsorted(cb, lp[:, 1:])  # (T, k-1)
+    off_book = (codes >= len(cb)) | (cb[np.minimum(codes, len(cb) - 1)] != lp[:, 1:])
+    if off_book.any():
+        problems.append(f"{where} field topk_logprobs: a value after the top-1 is not in the codebook "
+                        f"({int(off_book.any(axis=1).sum())} rows, first at token {_first(off_book)})")
+        return problems
+    if k > 1 and (lp[:, 0] <= lp[:, 1]).any():
+        problems.append(f"{where} field topk_logprobs: the top-1 is not strictly above the other entries "
+                        f"(first at token {_first(lp[:, 0] <= lp[:, 1])})")
+    p1 = np.exp(lp[:, :1].astype(np.float64))  # (T, 1)
+    vals = np.exp(cb.astype(np.float64))
+    lower = np.where(codes > 0, vals[np.maximum(codes - 1, 0)], 0.0)  # (T, k-1)
+    upper = np.where(codes < len(cb) - 1, vals[np.minimum(codes + 1, len(cb) - 1)], p1)
+    tol = MASS_TOLERANCE[enc.source_dtype]
+    with np.errstate(over="ignore", invalid="ignore"):
+        source_mass = 1.0 - np.exp(tail.astype(np.float64))  # the source's top-k mass
+        stored = p1[:, 0] + vals[codes].sum(axis=1)
+    low, high = p1[:, 0] + lower.sum(axis=1), p1[:, 0] + upper.sum(axis=1)
+    outside = ~((low - tol <= source_mass) & (source_mass <= high + tol))
+    if outside.any():
+        problems.append(f"{where} field topk_logprobs: the quantization bound does not hold: the source's top-k mass "
+                        f"1 - exp(tail_logmass) is outside the codes' bounds ({int(outside.sum())} rows, first at "
+                        f"token {int(np.flatnonzero(outside)[0])})")
+    over = ~(stored <= source_mass + tol)
+    if over.any():
+        problems.append(f"{where} field topk_logprobs: the stored top-k holds more mass than the source's "
+                        f"1 - exp(tail_logmass) ({int(over.sum())} rows, first at token {int(np.flatnonzero(over)[0])})")
+    rows, cols = np.nonzero(hit[:, 1:])
+    if len(rows):
+        got = target[rows].astype(np.float64)
+        slack = 1e-4 + 2 * ROUNDING[enc.source_dtype] * np.abs(got)
+        with np.errstate(divide="ignore"):
+            lo, hi = np.log(lower[rows, cols]), np.log(upper[rows, cols])
+        off = (got < lo - slack) | (got > hi + slack)
+        if off.any():
+            problems.append(f"{where} field target_logprob: the next token's probability is outside the bound of its "
+                            f"code ({int(off.sum())} rows, first at token {int(rows[np.argmax(off)])})")
     return problems
 
 

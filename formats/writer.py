@@ -69,16 +69,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_shard_files(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], backend: str) -> None:
-    """Write a shard in `backend` at `path` (not atomic; see CacheWriter.write_shard)."""
+def write_shard_files(path: Path, block: SeqBlock, fields: dict[str, FieldSpec], backend: str) -> SeqBlock:
+    """Write a shard in `backend` at `path` (not atomic; see CacheWriter.write_shard); returns the logical block
+    that reading it gives back (a compact top-k comes back quantized)."""
     if backend == "parquet":
         from formats import shard_parquet
 
-        shard_parquet.write(path, block, fields)
-    else:
-        from formats import shard_zarr
+        return shard_parquet.write(path, block, fields)
+    from formats import shard_zarr
 
-        shard_zarr.write(path, block, fields)
+    return shard_zarr.write(path, block, fields)
 
 
 SETTINGS_KEYS = ("backend", "fields", "teacher", "tokenizer", "build", "corpus")
@@ -255,7 +255,7 @@ def write_shard(root: Path, rel: str, split: str, block: SeqBlock, fields: dict[
     try:
         _remove(tmp)
         _remove(final)  # left by a crash between rename and manifest: not part of the cache
-        write_shard_files(tmp, block, fields, backend)
+        block = write_shard_files(tmp, block, fields, backend)  # the logical block: what reading it gives back
         _fsync_tree(tmp)
         os.rename(tmp, final)
         fsync_dir(final.parent)

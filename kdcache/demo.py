@@ -6,7 +6,9 @@
    front door, so it may call both; the builder and the trainer still meet only in the cache);
 3. students: the same student (fewer layers, initialised from the teacher's) trained twice on the
    same tokens and seed: with KD from the cache, and with CE on the real tokens only;
-4. evaluation on the held-out files and a report (demo_out/report.md with loss-curve plots).
+4. evaluation on the held-out files and a report (demo_out/report.md). Both students are also evaluated on the
+   held-out split during training (`eval_every`), and heldout_ce.png draws that one quantity for both: their
+   training losses are not comparable (KD against the teacher's distribution, CE against the real token).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ PROFILES = {
     # it ahead of CE only after 20 steps at lr 1e-3, while renormalised top-k (fkl_renorm) ended far behind CE
     # (benchmarks/RESULTS.md, Quality). Quick: 104 s, KD 6.982 vs CE only 7.070 (RESULTS.md, Demo; one seed).
     "quick": {"corpus_chars": 20_000, "file_chars": (1_000, 3_000), "heldout": 0.3, "layers": 4, "steps": 16,
-              "batch_size": 4, "seq_len": 128, "top_k": 16, "lr": 1e-3, "warmup_steps": 2, "kd_kind": "fkl_ghost"},
+              "batch_size": 4, "seq_len": 128, "top_k": 16, "lr": 1e-3, "warmup_steps": 2, "kd_kind": "fkl_ghost",
+              "eval_every": 4},
     # Sized for 2 CPU cores and at most 15 minutes: measured 8 minutes there (cache 159 tok/s, students ~300 tok/s),
     # KD 6.208 vs CE only 6.271 held-out CE (benchmarks/RESULTS.md, Demo).
     "full": {"corpus_chars": 100_000, "file_chars": (1_000, 10_000), "heldout": 0.2, "layers": 4, "steps": 40,
-             "batch_size": 4, "seq_len": 256, "top_k": 32, "lr": 1e-3, "warmup_steps": 4, "kd_kind": "fkl_ghost"},
+             "batch_size": 4, "seq_len": 256, "top_k": 32, "lr": 1e-3, "warmup_steps": 4, "kd_kind": "fkl_ghost",
+             "eval_every": 10},
 }
 
 
@@ -82,7 +86,7 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
         settings = {"cache": str(cache), "out": str(out_dir / name), "student_layers": p["layers"],
                     "init_from_teacher": "cache", "steps": p["steps"], "batch_size": p["batch_size"], "alpha": alpha,
                     "lr": p["lr"], "warmup_steps": p["warmup_steps"], "kd_kind": p["kd_kind"], "num_workers": 0,
-                    "checkpoint_every": 0, "seed": 0}
+                    "checkpoint_every": 0, "eval_every": p["eval_every"], "seed": 0}
         print(f"$ kdcache train {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in settings.items())}",
               flush=True)
         train(load_settings(None, settings))
@@ -98,8 +102,11 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
                if kd["ce"] < ce["ce"] else
                f"Distillation did NOT help here: the KD student's held-out CE is {kd['ce']:.3f} against "
                f"{ce['ce']:.3f} for the CE-only student on the same {kd['tokens']} tokens.")
+    one_seed = ("One seed: the gap between the two students includes the run-to-run variation of training (data "
+                "order, initialisation), which one run cannot measure; before reading it as a win, compare it with "
+                "the spread over seeds that `benchmarks/quality.py` measures (benchmarks/RESULTS.md, Quality).")
     table = format_table({"KD from cache": kd, "CE only": ce})
-    plot = _plot(out_dir, list(runs))
+    plot = _plot(out_dir, {"KD from cache": "kd", "CE only": "ce_only"})
     total_s = time.perf_counter() - t_start
     report = [
         "# kdcache demo", "",
@@ -108,15 +115,21 @@ def run_demo(out: str = "demo_out", quick: bool = False, corpus: str | None = No
         f"Both students: {p['steps']} steps of {p['batch_size']} sequences of up to {p['seq_len']} tokens, AdamW lr "
         f"{p['lr']} ({p['warmup_steps']} warmup steps, cosine decay), seed 0. KD student: {p['kd_kind']} on the cached "
         f"top-{p['top_k']} plus tail mass, no CE term (alpha 0). CE-only student: alpha 1.", "",
-        table, "", verdict, "",
+        table, "", verdict, one_seed, "",
+        f"Bits per byte (bpb: held-out CE in bits over the bytes of text the tokens stand for) compare students with "
+        f"different tokenizers on the same text: KD {kd['bpb']:.3f}, CE only {ce['bpb']:.3f} (`kd_kind: uld` or "
+        "`byte_align` distill a student with another tokenizer from a cache built with `--byte-offsets`).", "",
     ]
     if plot:
-        report += [f"![training loss]({plot.name})", ""]
+        report += [f"Held-out CE of both students during training, every {p['eval_every']} steps (the last point is "
+                   "the table's):", "", f"![held-out CE]({plot.name})", ""]
     (out_dir / "report.md").write_text("\n".join(report))
     print(table)
     print(verdict)
+    print(one_seed)
     print(f"report: {out_dir / 'report.md'}")
     summary = {"heldout_ce": {"kd": kd["ce"], "ce_only": ce["ce"]}, "kd_beats_ce": kd["ce"] < ce["ce"],
+               "heldout_bpb": {"kd": kd["bpb"], "ce_only": ce["bpb"]},
                "seconds": round(total_s, 1)}
     print(json.dumps(summary))
     return summary
@@ -127,7 +140,8 @@ def _last_metrics(run_dir: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def _plot(out_dir: Path, names: list[str]) -> Path | None:
+def _plot(out_dir: Path, runs: dict[str, str]) -> Path | None:
+    """heldout_ce.png: each run's held-out CE (eval_ce in its metrics.jsonl) against the step, on one axis."""
     try:
         import matplotlib
 
@@ -136,14 +150,16 @@ def _plot(out_dir: Path, names: list[str]) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name in names:
+    for label, name in runs.items():
         rows = [json.loads(x) for x in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (KD mix or CE)")
+        rows = [r for r in rows if "eval_ce" in r]
+        ax.plot([r["step"] for r in rows], [r["eval_ce"] for r in rows], marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out CE (nats per token)")
+    ax.set_title("same student, same tokens and seed: KD from the cache vs CE only", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    path = out_dir / "loss.png"
+    path = out_dir / "heldout_ce.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -15,9 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from formats.errors import KdError
 from formats.manifest import atomic_write_bytes, fsync_dir
+from student_trainer.errors import write_failure
 
 
 class CheckpointError(KdError):
@@ -45,30 +48,40 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer, extra: dict) -> Path:
-    from safetensors.torch import save_file, save_model
-
+    """Write checkpoint `step` under a temporary name and rename it into place. A write that fails (a full disk) is
+    a CheckpointError naming the checkpoint; the temporary folder is removed and the previous checkpoint stays the
+    latest."""
     root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint(tmp, step, model, optimizer, extra)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        atomic_write_bytes(root / "latest", final.name.encode())
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not write the checkpoint ({write_failure(e)}); no temporary files "
+                              "are left and the latest checkpoint is unchanged") from None
+    return final
+
+
+def _write_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, extra: dict) -> None:
+    save_model(model, str(folder / "model.safetensors"))
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file(tensors, str(folder / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
         rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     state = dict(extra, step=step, optimizer=meta, rng=rng)
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
+    (folder / "state.json").write_text(json.dumps(state))
+    for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    atomic_write_bytes(root / "latest", final.name.encode())
-    return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -83,8 +96,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore parameters, optimizer and RNG; returns the rest of state.json (step, loader, settings...)."""
-    from safetensors.torch import load_file, load_model
-
     try:
         load_model(model, str(path / "model.safetensors"))
         state = json.loads((path / "state.json").read_text())

@@ -1,4 +1,5 @@
-"""Values that change with the step: alpha, temperature, loss weights, and named training phases.
+"""Values that change with the step: the learning rate's factor, alpha, temperature, loss weights, and named
+training phases.
 
 A schedule is a plain dict, as written in the YAML config:
     {"kind": "constant", "value": 0.5}
@@ -14,6 +15,7 @@ A bare number means constant. Phases are consecutive step ranges with their own 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from formats.errors import KdError
 
@@ -73,3 +75,27 @@ def phase_at(phases: list[dict], step: int) -> tuple[str, dict, int]:
             return phase.get("name", ""), {k: v for k, v in phase.items() if k not in ("name", "steps")}, first
         first += phase["steps"]
     raise AssertionError("unreachable")
+
+
+def scheduled_values(schedules: Mapping[str, object], phases: list[dict], step: int) -> dict:
+    """{"phase": name, key: value, ...} at `step`, for each key -> schedule of `schedules`; the phase holding
+    `step` may override a key's schedule, and such a schedule counts steps from the phase's start."""
+    name, overrides, start = phase_at(phases, step)
+    out = {"phase": name}
+    for key, spec in schedules.items():
+        if key in overrides:
+            out[key] = value_at(overrides[key], step - start)
+        else:
+            out[key] = value_at(spec, step)
+    return out
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The peak learning rate's multiplier at `step`: linear warmup over `warmup_steps`, then a cosine decay that
+    reaches `min_lr_ratio` at `steps` and stays there. The warmup is capped at `steps`: a run shorter than its
+    warmup (5 steps against the default 10) still reaches the peak rate, at its last step."""
+    warmup_steps = min(warmup_steps, steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))

@@ -12,10 +12,14 @@ import yaml
 
 from formats.settings import check, check_value, coerce, setting
 from student_trainer.errors import TrainError
+from student_trainer.reporting import parse_report_to
 from student_trainer.schedule import SCHEDULE_KEYS, check_schedule
 
 # The KD losses by name (student_trainer/losses.py maps each to its function; a test keeps the two equal).
-KD_KINDS = ("fkl_ghost", "fkl_renorm", "rskd", "rkl", "jsd", "skew_kl", "tvd")
+# uld and byte_align train a student with any tokenizer (xtok_losses.py); the others need the teacher's.
+KD_KINDS = ("fkl_ghost", "fkl_renorm", "rskd", "rkl", "jsd", "skew_kl", "tvd", "uld", "byte_align")
+_TEACHER_TOKENIZER = ("folder holding the teacher's tokenizer (default: the teacher folder the cache names; give it "
+                      "when the cache has moved)")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class TrainSettings:
     min_lr_ratio: float = setting(0.1, "the cosine decay ends at this fraction of --lr", min=0, max=1)
     grad_clip: float = setting(1.0, "max gradient norm (0: off)", min=0)
     kd_kind: str = setting("fkl_ghost", "KD loss", choices=KD_KINDS)
+    teacher_tokenizer: str = setting("", "uld, byte_align: " + _TEACHER_TOKENIZER)
     alpha: float | dict = setting(0.0, "weight of CE on the real token, KD gets 1 - alpha (a schedule in YAML)",
                                   min=0, max=1)
     temperature: float | dict = setting(1.0, "KD temperature (a schedule in YAML)", above=0)
@@ -68,8 +73,13 @@ class TrainSettings:
     report_to: str = setting("", "also log metrics to tensorboard and/or wandb (comma-separated)")
     run_name: str = setting("", "W&B run name (default: the output folder's name)")
     wandb_project: str = setting("kdcache", "W&B project")
-    checkpoint_every: int = setting(50, "optimizer steps between checkpoints (0: only at the end)", min=0)
-    resume: bool = setting(False, "continue from the latest checkpoint in --out")
+    checkpoint_every: int = setting(50, "optimizer steps between checkpoints, and one at the last step (0: none)",
+                                    min=0)
+    eval_every: int = setting(0, "optimizer steps between evaluations on --eval-split, and one at the last step, "
+                                 "logged to metrics.jsonl as eval_ce, eval_kl_to_teacher, ... (0: none)", min=0)
+    eval_split: str = setting("heldout", "cache split of those evaluations")
+    eval_batches: int = setting(0, "batches of each evaluation (0: the whole split)", min=0)
+    resume: bool = setting(False, "continue from the latest checkpoint in --out (an error when there is none)")
     verify: bool = setting(False, "recompute every shard checksum before training")
     allow_incomplete: bool = setting(False, "train on a cache whose build has not finished")
     progress: bool = setting(True, "show a progress bar")
@@ -77,20 +87,18 @@ class TrainSettings:
     SCHEDULED = ("alpha", "temperature", "kd_weight", "hidden_weight")
 
     def validate(self) -> None:
+        # Values first (bounds, finite numbers), so a bad value is named even when other settings are missing too.
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        check(self, TrainError, flags=False)  # a schedule (dict) is checked below, value by value
+        for name in self.SCHEDULED:
+            check_schedule(name, getattr(self, name))
+            _check_schedule_values(name, getattr(self, name), fields[name].metadata)
         if not self.cache or not self.out:
             raise TrainError("--cache and --out are required")
         if bool(self.student) == bool(self.student_layers):
             raise TrainError("give either --student HF_DIR or --student-layers N with --init-from-teacher")
         if self.student_layers and not self.init_from_teacher:
             raise TrainError("--student-layers needs --init-from-teacher TEACHER_DIR")
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        for name in self.SCHEDULED:
-            check_schedule(name, getattr(self, name))
-        check(self, TrainError, flags=False)  # a schedule (dict) is checked below, value by value
-        for name in self.SCHEDULED:
-            _check_schedule_values(name, getattr(self, name), fields[name].metadata)
-        from student_trainer.reporting import parse_report_to
-
         parse_report_to(self.report_to)
         for i, phase in enumerate(self.phases):
             if not isinstance(phase, dict) or not isinstance(phase.get("steps"), int) or phase["steps"] <= 0:
@@ -149,7 +157,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    hint = "; indent with spaces, not tabs" if "\t" in str(getattr(e, "problem", "")) or "tab" in problem else ""
+    # PyYAML names a tab as the escaped character: "found character '\\t' that cannot start any token".
+    hint = "; indent with spaces, not tabs" if any(t in problem for t in ("\t", "\\t", "tab")) else ""
     return f"{where}{problem}{hint}"
 
 
@@ -161,6 +170,7 @@ class EvalSettings:
     split: str = setting("heldout", "cache split to evaluate on")
     batch_size: int = setting(8, "sequences per batch", above=0)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    teacher_tokenizer: str = setting("", "a student with another tokenizer: " + _TEACHER_TOKENIZER)
     json: bool = setting(False, "print the result as JSON only")
     verify: bool = setting(False, "recompute shard checksums before evaluating")
 

@@ -1,16 +1,32 @@
-"""The student model: any HF causal-LM folder, or one derived from the teacher with fewer layers."""
+"""The student model: any HF causal-LM folder, or one derived from the teacher with fewer layers; the device it
+runs on; the Hugging Face folder a run publishes."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError
+from transformers.utils import logging as hf_logging
+
 from formats.errors import KdError
+from student_trainer.errors import write_failure
 
 
 class StudentError(KdError):
     """The student cannot be built or does not fit the cache."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a setting names: "auto" is the GPU when there is one, else the CPU; anything else as torch
+    spells it (cpu, cuda, cuda:1)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
@@ -23,8 +39,6 @@ def uniform_layers(teacher_layers: int, student_layers: int) -> list[int]:
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """transformers draws a 'Loading weights' bar on stderr; kdcache keeps stderr for its one-line errors."""
-    from transformers.utils import logging as hf_logging
-
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -36,9 +50,6 @@ def quiet_loading() -> Iterator[None]:
 
 def load_student(path: str, dtype: str = "float32"):
     """(model, tokenizer) of an HF causal-LM folder. No code from the folder runs: trust_remote_code stays off."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise StudentError(f"student {path!r}: no config.json; give a Hugging Face model folder")
@@ -59,9 +70,6 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
     `layers` decoder layers are copied from the teacher; with another hidden size nothing fits, so the
     student starts from random weights (seeded) and only the config is derived.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if not (Path(teacher_dir) / "config.json").exists():
         raise StudentError(f"--init-from-teacher {str(teacher_dir)!r}: no config.json; give the teacher's Hugging Face folder")
     try:
@@ -108,3 +116,22 @@ def student_from_teacher(teacher_dir: str, layers: int, hidden: int | None = Non
         del teacher
     return student, tokenizer, {"teacher_dir": str(teacher_dir), "layers": layers, "hidden": config.hidden_size,
                                 "copied_layers": uniform_layers(n_teacher, layers) if same_width else []}
+
+
+def save_student(folder: Path, model, tokenizer, info: dict) -> None:
+    """Publish `model` and `tokenizer` as a Hugging Face folder (safetensors) with `info` in kdcache_student.json:
+    written under a temporary name and renamed, so `folder` is whole or absent. A failed write (a full disk) is a
+    StudentError and leaves no temporary folder."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kdcache_student.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)  # the previous final folder of this same run
+        os.rename(tmp, folder)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StudentError(f"{folder}: could not write the student ({write_failure(e)}); no temporary files are "
+                           "left") from None

@@ -1,4 +1,5 @@
-"""The bad-input table of issue #7: each case is a real `kdcache` command on a real bad file, folder or setting.
+"""The bad-input table of issues #7 and #19: each case is a real `kdcache` command on a real bad file, folder or
+setting.
 
 Used by tests/test_bad_input.py (which asserts every row) and benchmarks/bad_input.py (which prints the table
 into benchmarks/RESULTS.md), so the list lives here once.
@@ -6,9 +7,13 @@ into benchmarks/RESULTS.md), so the list lives here once.
 Rules a row is held to (`Outcome.as_specified`):
 - an error case exits non-zero (2, a KdError) with exactly one line on stderr, `kdcache CMD: error: ...`,
   containing the row's fragment (which names the file, line, field or setting at fault), and publishes nothing:
-  no manifest at a build's --out, no folder at a training run's --out;
+  no manifest at a build's --out, no folder at a training run's --out (or, where the row has a check, what the
+  check allows: a user's folder left as it was, a run stopped by a full disk with no checkpoint or temporary file);
 - a case that must succeed (a document longer than seq_len is split into windows; --skip-bad-records skips
-  and counts) exits 0 and passes its own check.
+  and counts; a 5-step run reaches its peak learning rate) exits 0 and passes its own check.
+
+Faults a row can ask for: a file-size limit (writes fail with EFBIG, as on a full disk) and a lock that another
+process holds while the row runs (a second `kdcache train` on a run folder in use).
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STDLIB = Path(os.__file__).parent
+TYPO_YAML = "stpes: 3\nlr: 0.001\n"
 BUILD = ["build", "--teacher", "{teacher}", "--out", "{out}", "--top-k", "4", "--seq-len", "64",
          "--shard-tokens", "512", "--no-progress"]
 TRAIN = ["train", "--cache", "{cache}", "--out", "{out}", "--steps", "1", "--batch-size", "2", "--num-workers", "0",
          "--no-progress"]
 EVAL = ["eval", "--cache", "{cache}", "--split", "train", "--json"]
+CONVERT = ["convert", "{cache}", "--out", "{out}"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,11 @@ class Case:
     argv: list[str]  # `kdcache` arguments ({placeholders}: paths made by `prepare`); a repeated flag: the last wins
     expect: str  # an error case: a fragment of the one error line; a success: a fragment of stdout
     succeed: bool = False
-    check: Callable[[Path], str] | None = None  # a success: returns '' if the result is right, else what is wrong
+    # Returns '' if the result at --out is right, else what is wrong; for an error case it replaces the
+    # "nothing published" rule (a run that failed mid-way has a run folder; the check says what it may hold).
+    check: Callable[[Path], str] | None = None
+    limit_file_bytes: int = 0  # > 0: writes past this size fail with EFBIG, as a full disk fails with ENOSPC
+    hold_lock: str = ""  # a lock file ({placeholders} allowed) another process holds while the case runs
 
 
 def _windows_check(out: Path) -> str:
@@ -57,6 +68,35 @@ def _skipped_check(out: Path) -> str:
 
     n = open_cache(out, require_complete=True).num_sequences()
     return "" if n >= 2 else f"expected the two good records to be cached, got {n} sequences"
+
+
+def _lr_peak_check(out: Path) -> str:
+    """A 5-step run under the default 10 warmup steps reached the peak rate (3e-4) at its last step and finished."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lr = json.loads(lines[-1])["lr"]
+    if abs(lr - 3e-4) > 1e-12 or len(lines) != 5:
+        return f"expected 5 steps ending at lr 3e-4, got {len(lines)} steps ending at {lr}"
+    return "" if (out / "final" / "config.json").exists() else "no final folder"
+
+
+def _no_checkpoint_left(out: Path) -> str:
+    """A checkpoint that could not be written left no temporary folder, no checkpoint and no final folder."""
+    left = [p.name for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith("step-")]
+    if left:
+        return f"left behind: {left}"
+    return "a final folder was published" if (out / "final").exists() else ""
+
+
+def _untouched_files(out: Path) -> str:
+    """The user's folder got no run file (their own metrics.jsonl would have been overwritten)."""
+    written = [n for n in ("metrics.jsonl", "settings.json", "kdcache_run.json", ".lock") if (out / n).exists()]
+    return f"wrote {written} into the user's folder" if written else ""
+
+
+def _untouched_run(out: Path) -> str:
+    """The run folder another run holds still holds only what it held (its marker and lock)."""
+    names = sorted(p.name for p in out.iterdir())
+    return "" if names == [".lock", "kdcache_run.json"] else f"the held run folder was written to: {names}"
 
 
 CASES = [
@@ -97,6 +137,72 @@ CASES = [
          "batch_size must be positive, got 0"),
     Case("zero size: eval --batch-size 0", [*EVAL, "--student", "{teacher}", "--batch-size", "0"],
          "--batch-size must be positive, got 0"),
+    # ---- issue #19
+    Case("#4 build --temperature nan", [*BUILD, "--corpus", "{files}/long.txt", "--temperature", "nan"],
+         "--temperature must be a finite number, got nan"),
+    Case("#4 build --temperature inf", [*BUILD, "--corpus", "{files}/long.txt", "--temperature", "inf"],
+         "--temperature must be a finite number, got inf"),
+    Case("#4 build --temperature 0", [*BUILD, "--corpus", "{files}/long.txt", "--temperature", "0"],
+         "--temperature must be positive, got 0.0"),
+    Case("#5 zero positions: eval on a one-token document", [*EVAL, "--student", "{teacher}", "--cache", "{one_token}"],
+         "no positions to evaluate in split 'train'"),
+    Case("#5 zero positions: eval on a chat with user turns only",
+         [*EVAL, "--student", "{teacher}", "--cache", "{user_only}"], "no positions to evaluate in split 'train'"),
+    Case("#5 zero positions: train on a one-token document",
+         [*TRAIN, "--student", "{teacher}", "--cache", "{one_token}"], "no positions to train on in split 'train'"),
+    Case("#5 zero positions: train on a chat with user turns only",
+         [*TRAIN, "--student", "{teacher}", "--cache", "{user_only}"], "no positions to train on in split 'train'"),
+    Case("#8 train --alpha 1.5", [*TRAIN, "--student", "{teacher}", "--alpha", "1.5"],
+         "alpha must be at most 1, got 1.5"),
+    Case("#8 train --temperature 0", [*TRAIN, "--student", "{teacher}", "--temperature", "0"],
+         "temperature must be positive, got 0.0"),
+    Case("#8 train --temperature -1", [*TRAIN, "--student", "{teacher}", "--temperature", "-1"],
+         "temperature must be positive, got -1.0"),
+    Case("#8 train --lr -0.1", [*TRAIN, "--student", "{teacher}", "--lr", "-0.1"], "lr must be positive, got -0.1"),
+    Case("#8 train --lr nan", [*TRAIN, "--student", "{teacher}", "--lr", "nan"], "lr must be a finite number, got nan"),
+    Case("#8 YAML betas: [0.9]", [*TRAIN, "--student", "{teacher}", "--config", "{files}/betas.yaml"],
+         "betas.yaml: betas must be a list of 2 values, got [0.9]"),
+    Case("#8 YAML lr: 1e-3 (YAML 1.1 reads text)", [*TRAIN, "--student", "{teacher}", "--config", "{files}/lr.yaml"],
+         "lr must be a number, got '1e-3' (YAML 1.1 reads a number like 1e-3 without a dot as text: write 1.0e-3)"),
+    Case("#8 a tab in YAML", [*TRAIN, "--student", "{teacher}", "--config", "{files}/tab.yaml"],
+         "tab.yaml: not valid YAML (line 2, column 1: found character '\\t' that cannot start any token; indent "
+         "with spaces, not tabs)"),
+    Case("#8 alpha schedule past 1 in YAML", [*TRAIN, "--student", "{teacher}", "--config", "{files}/alpha.yaml"],
+         "schedule 'alpha' end must be at most 1, got 1.5"),
+    Case("#11 train into a non-empty folder that is not a run",
+         [*TRAIN, "--student", "{teacher}", "--out", "{files}"], "is not a kdcache training run (no kdcache_run.json)",
+         check=_untouched_files),
+    Case("#11 train --out names a file", [*TRAIN, "--student", "{teacher}", "--out", "{files}/typo.yaml"],
+         "typo.yaml is a file, not a folder", check=lambda out: "" if out.read_text() == TYPO_YAML else "it changed"),
+    Case("#11 --resume with no checkpoint", [*TRAIN, "--student", "{teacher}", "--resume"],
+         "; drop --resume to start"),
+    Case("#11 a second train on a run folder another run holds", [*TRAIN, "--student", "{teacher}", "--out", "{held_run}"],
+         "another kdcache train is writing this run (it holds .lock)", hold_lock="{held_run}/.lock",
+         check=_untouched_run),
+    Case("#9 a full disk while writing a checkpoint", [*TRAIN, "--student", "{teacher}"],
+         "could not write the checkpoint (File too large)", limit_file_bytes=8 << 20, check=_no_checkpoint_left),
+    Case("#14 a 5-step run under the default 10 warmup steps reaches the peak lr",
+         [*TRAIN, "--student", "{teacher}", "--steps", "5"], "5 steps", succeed=True, check=_lr_peak_check),
+    Case("#14 train --help shows the defaults", ["train", "--help"], "(default: 0.0003)", succeed=True),
+    Case("train --eval-every on a split the cache lacks", [*TRAIN, "--student", "{teacher}", "--eval-every", "1"],
+         "no shards in split 'heldout' (splits: train)"),
+    Case("train --report-to an unknown sink", [*TRAIN, "--student", "{teacher}", "--report-to", "mlflow"],
+         "report_to: unknown sink 'mlflow'"),
+    Case("train: an int flag given nan", [*TRAIN, "--student", "{teacher}", "--steps", "nan"],
+         "argument --steps: invalid int value: 'nan'"),
+    Case("an unknown flag", [*BUILD, "--corpus", "{files}/long.txt", "--topk", "4"],
+         "unrecognized arguments: --topk 4"),
+    Case("build --heldout-fraction 1", [*BUILD, "--corpus", "{files}/long.txt", "--heldout-fraction", "1"],
+         "--heldout-fraction must be less than 1, got 1.0"),
+    Case("build --part outside --num-parts", [*BUILD, "--corpus", "{files}/long.txt", "--num-parts", "2", "--part", "2"],
+         "--part must be in [0, 2), got 2"),
+    Case("build --seq-len over --max-batch-tokens",
+         [*BUILD, "--corpus", "{files}/long.txt", "--max-batch-tokens", "32"], "--seq-len 64 exceeds --max-batch-tokens 32"),
+    Case("build --vllm-* option with --backend hf",
+         [*BUILD, "--corpus", "{files}/long.txt", "--vllm-max-num-seqs", "4"], "--vllm-max-num-seqs needs --backend vllm"),
+    Case("convert --top-k -1", [*CONVERT, "--top-k", "-1"], "--top-k must be non-negative, got -1"),
+    Case("convert a folder that is not a cache", [*CONVERT[:1], "{files}", *CONVERT[2:]],
+         "no manifest.json; not a kdcache cache"),
 ]
 
 
@@ -116,7 +222,13 @@ def prepare(root: Path) -> dict[str, str]:
     (files / "no_text.jsonl").write_text('{"body": "the text is under another name"}\n')
     (files / "latin1.txt").write_bytes("first line\nna\u00efve caf\u00e9\n".encode("latin-1"))
     (files / "long.txt").write_text((STDLIB / "textwrap.py").read_text(encoding="utf-8")[:2000])
-    (files / "typo.yaml").write_text("stpes: 3\nlr: 0.001\n")
+    (files / "typo.yaml").write_text(TYPO_YAML)
+    (files / "betas.yaml").write_text("betas: [0.9]\n")
+    (files / "lr.yaml").write_text("lr: 1e-3\n")
+    (files / "tab.yaml").write_text("steps: 3\n\tlr: 0.001\n")
+    (files / "alpha.yaml").write_text("alpha: {kind: linear, start: 0.0, end: 1.5, steps: 10}\n")
+    (files / "one_token.jsonl").write_text('{"input_ids": [42]}\n')
+    (files / "user_only.jsonl").write_text('{"messages": [{"role": "user", "content": "Is anyone there?"}]}\n')
 
     no_weights = root / "no-weights"
     no_weights.mkdir()
@@ -125,6 +237,15 @@ def prepare(root: Path) -> dict[str, str]:
     cache = root / "cache"
     run_build(BuildSettings(teacher=str(teacher), corpus=[str(files / "long.txt")], out=str(cache), top_k=4,
                             seq_len=64, shard_tokens=512, progress=False))
+    held_run = root / "held-run"  # a run folder whose lock the driver holds while a case runs (issue #19, case 11)
+    held_run.mkdir()
+    (held_run / "kdcache_run.json").write_text('{"kdcache": "training run", "version": 1}')
+    (held_run / ".lock").touch()
+    small_caches = {}
+    for name in ("one_token", "user_only"):  # a split with no next-token target (issue #19, case 5)
+        small_caches[name] = str(root / f"{name}-cache")
+        run_build(BuildSettings(teacher=str(teacher), corpus=[str(files / f"{name}.jsonl")], out=small_caches[name],
+                                top_k=4, seq_len=64, shard_tokens=512, progress=False))
     future = Path(shutil.copytree(cache, root / "future-cache"))
     manifest = json.loads((future / "manifest.json").read_text())
     manifest["format_version"] = "2.0.0"
@@ -143,7 +264,8 @@ def prepare(root: Path) -> dict[str, str]:
     tok.add_tokens(["<kdcache-extra-token>"])
     tok.save_pretrained(other)
     return {"teacher": str(teacher), "files": str(files), "no_weights": str(no_weights), "cache": str(cache),
-            "future_cache": str(future), "small_vocab": str(small), "other_tokenizer": str(other)}
+            "future_cache": str(future), "small_vocab": str(small), "other_tokenizer": str(other), "held_run": str(held_run),
+            **small_caches}
 
 
 @dataclass
@@ -168,21 +290,30 @@ class Outcome:
 
 # One process imports kdcache's heavy modules once, then forks a child per case: each case still runs
 # `kdcache.cli.main` in a process of its own, with its stdout and stderr captured at the file descriptors (so
-# whatever a library prints is seen), but pays ~4 s of imports once instead of twenty times.
+# whatever a library prints is seen), but pays ~4 s of imports once instead of once per case. A case's fault is
+# set up around its fork: the driver holds a lock for it, or the child limits the size of the files it writes.
 DRIVER = """
-import json, os, sys, traceback
+import fcntl, json, os, resource, signal, sys, traceback
 import torch, transformers  # noqa: F401  (imported once, shared by every forked case)
 import cache_builder.build, student_trainer.evaluate, student_trainer.train  # noqa: F401
 from kdcache.cli import main
 
 for job in json.loads(sys.stdin.read()):
+    held = open(job["hold_lock"], "a+") if job.get("hold_lock") else None
+    if held is not None:  # another run holds this lock while the case runs
+        fcntl.flock(held, fcntl.LOCK_EX)
     pid = os.fork()
     if pid == 0:
+        if held is not None:
+            held.close()  # the child's copy of the descriptor must not count as its own lock
         for fd, name in ((1, job["stdout"]), (2, job["stderr"])):
             os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        if job.get("limit_file_bytes"):  # a full disk: the write fails (EFBIG) instead of the kernel killing us
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (job["limit_file_bytes"], resource.RLIM_INFINITY))
         try:
             rc = main(job["argv"])
-        except SystemExit as e:  # argparse usage errors
+        except SystemExit as e:  # argparse usage errors, --help
             rc = e.code if isinstance(e.code, int) else 1
         except BaseException:  # a crash: its traceback is the case's stderr, as in a process of its own
             traceback.print_exc()
@@ -191,6 +322,8 @@ for job in json.loads(sys.stdin.read()):
         sys.stderr.flush()
         os._exit(rc)
     _, status = os.waitpid(pid, 0)
+    if held is not None:
+        held.close()
     with open(job["returncode"], "w") as f:
         f.write(str(os.waitstatus_to_exitcode(status)))
 """
@@ -203,13 +336,15 @@ class Run:
     stderr: str
 
 
-def run_forked(argvs: list[list[str]], root: Path) -> list[Run]:
-    """Run `kdcache ARGV` for each argv, each in a process of its own (see DRIVER); output files go in root/run-NN."""
+def run_forked(argvs: list[list[str]], root: Path, faults: list[dict] | None = None) -> list[Run]:
+    """Run `kdcache ARGV` for each argv, each in a process of its own (see DRIVER); output files go in root/run-NN.
+    `faults[i]`: {"limit_file_bytes": N, "hold_lock": path} for run i (either may be left out)."""
     jobs = []
     for i, argv in enumerate(argvs):
         folder = root / f"run-{i:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        jobs.append({"argv": argv, **{k: str(folder / k) for k in ("stdout", "stderr", "returncode")}})
+        jobs.append({"argv": argv, **(faults[i] if faults else {}),
+                     **{k: str(folder / k) for k in ("stdout", "stderr", "returncode")}})
     proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(jobs), capture_output=True, text=True,
                           timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     if proc.returncode != 0:
@@ -219,10 +354,14 @@ def run_forked(argvs: list[list[str]], root: Path) -> list[Run]:
 
 
 def run_cases(cases: list[Case], paths: dict[str, str], root: Path) -> list[Outcome]:
-    """Run every case in its own process and folder root/case-NN (its --out is root/case-NN/out)."""
+    """Run every case in its own process and folder root/case-NN (its --out is root/case-NN/out unless the case
+    gives another: the last --out of its arguments is the one judged)."""
     outs = [root / f"case-{i:02d}" / "out" for i in range(len(cases))]
     argvs = [[a.format(out=out, **paths) for a in case.argv] for case, out in zip(cases, outs)]
-    runs = run_forked(argvs, root)
+    outs = [Path(argv[len(argv) - 1 - argv[::-1].index("--out") + 1]) if "--out" in argv else out
+            for argv, out in zip(argvs, outs)]
+    faults = [{"limit_file_bytes": case.limit_file_bytes, "hold_lock": case.hold_lock.format(**paths)} for case in cases]
+    runs = run_forked(argvs, root, faults)
     return [_judge(case, argv[0], run, out) for case, argv, run, out in zip(cases, argvs, runs, outs)]
 
 
@@ -245,6 +384,8 @@ def _judge(case: Case, command: str, run: Run, out: Path) -> Outcome:
         problem = f"not a kdcache error line: {lines[0]}"
     elif case.expect not in lines[0]:
         problem = f"the error line lacks {case.expect!r}"
+    elif case.check is not None:
+        problem = case.check(out)
     elif (out / "manifest.json").exists() or (command == "train" and out.exists()):
         problem = f"something was published at {out}"
     return Outcome(case, returncode, lines, stdout, problem)

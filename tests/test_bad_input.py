@@ -1,6 +1,7 @@
-"""Bad input, issue #7: every case of the table in bad_input_cases.py, run as a real `kdcache` process, gives
-one clear error line naming the file, line, field or setting, a non-zero exit and nothing published; the two
-cases that are not errors (a document longer than seq_len, --skip-bad-records) succeed as specified."""
+"""Bad input, issues #7 and #19: every case of the table in bad_input_cases.py, run as a real `kdcache` process, gives
+one clear error line naming the file, line, field or setting, a non-zero exit and nothing published (or what the
+row's check allows); the cases that are not errors (a document longer than seq_len, --skip-bad-records, a run
+shorter than its warmup, --help) succeed as specified."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ def test_the_table_covers_every_case_the_issue_lists():
     names = " | ".join(c.name for c in CASES)
     assert [item for item in listed if item not in names] == []
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+def test_the_table_has_rows_for_the_cases_of_issue_19_and_at_least_40_rows():
+    # 10 and 12 (signals sent to a running trainer) are in tests/student_trainer/test_run_faults.py; 15 (the demo's
+    # plot) in tests/student_trainer/test_demo.py; 1, 2, 3, 6, 7, 13 and 16 are the builder's and format's.
+    numbered = {c.name.split()[0] for c in CASES if c.name.startswith("#")}
+    assert numbered == {"#4", "#5", "#8", "#9", "#11", "#14"}
+    assert len(CASES) >= 40
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

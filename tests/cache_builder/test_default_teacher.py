@@ -24,7 +24,6 @@ from cache_builder.default_teacher import (
     TEACHER_NAME,
     default_teacher_dir,
     find_gguf,
-    kdcache_home,
 )
 from cache_builder.errors import BuildError
 
@@ -101,16 +100,6 @@ def test_finished_check_does_not_import_torch(teacher_dir: Path):
 
 
 # --- where it goes and the install protocol (with a fake, instant conversion) ------------------------
-
-
-def test_kdcache_home_follows_kdcache_home_then_xdg_cache_home(monkeypatch, tmp_path: Path):
-    monkeypatch.setenv("KDCACHE_HOME", str(tmp_path / "k"))
-    assert kdcache_home() == tmp_path / "k"
-    monkeypatch.delenv("KDCACHE_HOME")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert kdcache_home() == tmp_path / "x" / "kdcache"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert kdcache_home() == Path.home() / ".cache" / "kdcache"
 
 
 CALLS: list[Path] = []  # conversions done by the fake below

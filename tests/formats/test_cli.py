@@ -18,7 +18,7 @@ def test_inspect_json_describes_teacher_tokenizer_fields_splits_totals_and_shard
     d = json.loads(capsys.readouterr().out)
     assert d["teacher"]["name"] == "synthetic"
     assert d["tokenizer"]["vocab_size"] == 64 and d["top_k"] == 8 and d["sample_draws"] == 16
-    assert d["backend"] == small_cache.backend and d["complete"] is True and d["format_version"] == "1.1.0"
+    assert d["backend"] == small_cache.backend and d["complete"] is True and d["format_version"] == "1.2.0"
     assert d["fields"] == {n: s.to_json() for n, s in small_cache.fields.items()}
     assert d["splits"] == {"train": {"sequences": 4, "tokens": 40, "shards": 2},
                            "heldout": {"sequences": 1, "tokens": 6, "shards": 1}}
@@ -32,7 +32,7 @@ def test_inspect_json_describes_teacher_tokenizer_fields_splits_totals_and_shard
 def test_plain_inspect_prints_a_readable_summary(small_cache, capsys):
     assert main(["inspect", str(small_cache.root)]) == 0
     out = capsys.readouterr().out
-    assert f"(kdcache format 1.1.0, {small_cache.backend}, complete)" in out
+    assert f"(kdcache format 1.2.0, {small_cache.backend}, complete)" in out
     assert "teacher    synthetic" in out and "top-k      8" in out
     assert "split      train: 4 sequences, 40 tokens, 2 shards" in out
     assert "total      5 sequences, 46 tokens, 3 shards" in out

@@ -55,7 +55,7 @@ def _refresh_counts(obj: dict) -> None:
 
 def test_a_written_manifest_parses_back_to_the_same_json(cache_dir):
     obj = _json(cache_dir)
-    assert obj["format"] == "kdcache" and obj["format_version"] == "1.1.0" and obj["complete"] is True
+    assert obj["format"] == "kdcache" and obj["format_version"] == "1.2.0" and obj["complete"] is True
     assert manifest_from_json(obj).to_json() == obj
     assert [s["path"] for s in obj["shards"]] == [
         "shards/train-00000.parquet", "shards/train-00001.parquet", "shards/train-00002.parquet",

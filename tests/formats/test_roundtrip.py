@@ -219,7 +219,7 @@ def test_a_parquet_shard_is_a_plain_table_with_one_row_per_sequence(tmp_path):
     assert all(table.column(n).null_count == 0 for n in table.column_names)
     assert table.column("input_ids").to_pylist()[1] == seqs[1]["input_ids"].tolist()
     meta = schema.metadata
-    assert meta[b"kdcache.format"] == b"kdcache" and meta[b"kdcache.format_version"] == b"1.1.0"
+    assert meta[b"kdcache.format"] == b"kdcache" and meta[b"kdcache.format_version"] == b"1.2.0"
     assert json.loads(meta[b"kdcache.fields"]) == {n: s.to_json() for n, s in fields.items()}
     column = pq.ParquetFile(path).metadata.row_group(0).column(0)
     assert column.compression == "ZSTD"
@@ -244,7 +244,7 @@ def test_a_zarr_shard_is_a_flat_token_axis_with_seq_offsets(tmp_path):
     assert g["hidden"]["7"].shape == (8, 3) and g["hidden"]["7"].dtype == np.float16
     assert g["doc_index"][:].tolist() == [0, 1]
     assert g["input_ids"][5:8].tolist() == seqs[1]["input_ids"].tolist()
-    assert g.attrs["kdcache.format"] == "kdcache" and g.attrs["kdcache.format_version"] == "1.1.0"
+    assert g.attrs["kdcache.format"] == "kdcache" and g.attrs["kdcache.format_version"] == "1.2.0"
     assert g.attrs["kdcache.fields"] == {n: s.to_json() for n, s in fields.items()}
     codecs = g["input_ids"].metadata.to_dict()["codecs"]
     assert codecs[0]["name"] == "sharding_indexed"

@@ -1,4 +1,5 @@
-"""Fixtures for the trainer tests: a tiny random teacher and two small caches it built, once per session.
+"""Fixtures for the trainer tests: the corpus and two small caches the tiny teacher (tests/conftest.py) built,
+once per session (caches.py builds them).
 
 `tiny_cache`: Parquet, top-k 8, 16 RS-KD draws, hidden layers 1 and 2, held-out split, ~300-token shards
 (several shards per split, one read block each). `packed_cache`: Zarr, packed documents (position_ids),
@@ -7,34 +8,16 @@ BF16 top-k log-probs and F16 hidden states, so the loader meets the other backen
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from cache_builder.build import run_build
-from cache_builder.settings import BuildSettings
-
-STDLIB = Path(os.__file__).parent
-CORPUS_FILES = ["colorsys.py", "textwrap.py", "json/decoder.py", "bisect.py", "heapq.py", "keyword.py", "fnmatch.py",
-                "glob.py"]
+from tests.student_trainer.caches import build, write_corpus
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for name in CORPUS_FILES:
-        text = (STDLIB / name).read_text(encoding="utf-8")[:1500]
-        (folder / (name.replace("/", "_") + ".txt")).write_text(text, encoding="utf-8")
-    return folder
-
-
-def build(teacher: Path, corpus: Path, out: Path, **kw) -> str:
-    base = dict(teacher=str(teacher), corpus=[str(corpus)], out=str(out), top_k=8, sample_draws=16, hidden_layers=[1, 2],
-                heldout_fraction=0.3, seq_len=128, shard_tokens=300, max_batch_tokens=512, progress=False)
-    base.update(kw)
-    run_build(BuildSettings(**base))
-    return str(out)
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from benchmarks.online_kd import full_kd_loss, online_step, teacher_logits
-from student_trainer.losses import KDConfig, fkl_ghost, kd_loss  # noqa: E402
+from student_trainer.batch import Batch
+from student_trainer.kd_mix import KDConfig, kd_loss
+from student_trainer.losses import fkl_ghost
 
 B, T, V = 2, 5, 40
 
@@ -83,8 +85,6 @@ def _tiny_llama(seed: int, vocab: int = 64):
 
 
 def test_online_steps_move_the_student_towards_the_teacher():
-    from student_trainer.loader import Batch
-
     teacher, student = _tiny_llama(0).eval().requires_grad_(False), _tiny_llama(1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 60, (2, 12), generator=g)

@@ -1,5 +1,6 @@
 """The training recipe in-process on the tiny teacher's cache: settings, schedules and phases, students derived from
-the teacher, tokenizer checks, loss paths, and the teacher's own eval. Whole runs: test_train_end_to_end.py."""
+the teacher, tokenizer checks, loss paths, and the teacher's own eval. Whole runs: test_train_end_to_end.py;
+schedules, phases and the learning rate: test_schedule.py."""
 
 from __future__ import annotations
 
@@ -13,15 +14,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
 from formats.reader import open_cache
+from student_trainer.collate import collate
 from student_trainer.errors import TrainError
-from student_trainer.loader import collate
-from student_trainer.schedule import ScheduleError, value_at
+from student_trainer.evaluate import evaluate
+from student_trainer.hidden_align import HiddenProjector
+from student_trainer.kd_mix import KDConfig
+from student_trainer.schedule import ScheduleError
 from student_trainer.settings import TrainSettings, load_settings
 from student_trainer.student import student_from_teacher, uniform_layers
-from student_trainer.train import DistillModel, _lr_factor, _weights, train
+from student_trainer.train import DistillModel, train
+from tests.cache_builder.tiny_teacher import TOKENIZER_FILES, make_tiny_teacher
 
-METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece"}
+METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece", "bpb",
+               "aligned_fraction"}
 
 
 def metrics(out: Path) -> list[dict]:
@@ -98,55 +106,10 @@ def test_the_train_command_reports_a_bad_config_on_one_line_with_exit_status_2(t
     assert len(lines) == 1 and lines[0].startswith("kdcache train: error:") and "'learnig_rate'" in lines[0]
 
 
-# ------------------------------------------------------------------------------------------- schedules
-
-
-LINEAR = {"kind": "linear", "start": 1.0, "end": 0.1, "steps": 10}
-COSINE = {"kind": "cosine", "start": 1.0, "end": 0.0, "steps": 10}
-STEP = {"kind": "step", "values": [1.0, 0.5, 0.1], "boundaries": [100, 200]}
-WARMUP = {"kind": "warmup", "value": 2.0, "steps": 4}
-
-
-@pytest.mark.parametrize("spec, step, expected", [
-    (0.5, 7, 0.5), ({"kind": "constant", "value": 0.25}, 1000, 0.25),
-    (LINEAR, 0, 1.0), (LINEAR, 5, 0.55), (LINEAR, 10, 0.1), (LINEAR, 50, 0.1),
-    (COSINE, 0, 1.0), (COSINE, 5, 0.5), (COSINE, 10, 0.0), (COSINE, 30, 0.0),
-    (STEP, 0, 1.0), (STEP, 99, 1.0), (STEP, 100, 0.5), (STEP, 199, 0.5), (STEP, 200, 0.1),
-    (WARMUP, 0, 0.5), (WARMUP, 2, 1.5), (WARMUP, 3, 2.0), (WARMUP, 40, 2.0),
-])
-def test_schedules_give_their_values_at_given_steps(spec, step, expected):
-    assert value_at(spec, step) == pytest.approx(expected)
-
-
-def test_phases_switch_the_weights_and_their_schedules_count_from_the_phase_start():
-    s = TrainSettings(cache="c", out="o", student="s", alpha={"kind": "linear", "start": 1.0, "end": 0.0, "steps": 100},
-                      phases=[{"name": "features", "steps": 10, "kd_weight": 0, "hidden_weight": 1},
-                              {"name": "soft", "steps": 20, "temperature": {"kind": "linear", "start": 4.0, "end": 1.0,
-                                                                            "steps": 10}},
-                              {"name": "joint", "steps": 5}])
-    s.validate()
-    at = {step: _weights(s, step) for step in (0, 9, 10, 15, 30, 1000)}
-    assert at[0] == {"phase": "features", "alpha": 1.0, "temperature": 1.0, "kd_weight": 0.0, "hidden_weight": 1.0}
-    assert at[9]["phase"] == "features" and at[9]["alpha"] == pytest.approx(0.91)  # global schedules count globally
-    assert at[10] == {"phase": "soft", "alpha": pytest.approx(0.9), "temperature": 4.0, "kd_weight": 1.0,
-                      "hidden_weight": 0.0}
-    assert at[15]["temperature"] == pytest.approx(2.5)  # the phase's schedule starts at the phase's first step
-    assert at[30]["phase"] == "joint" and at[30]["temperature"] == 1.0
-    assert at[1000]["phase"] == "joint" and at[1000]["alpha"] == 0.0  # the last phase runs on
-
-
-def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr_ratio():
-    s = TrainSettings(steps=110, warmup_steps=10, min_lr_ratio=0.1)
-    assert [_lr_factor(i, s) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert [_lr_factor(i, s) for i in (10, 60, 110, 500)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
-
-
 # ------------------------------------------------------------------------------------------- students
 
 
 def test_a_student_with_all_teacher_layers_equals_the_teacher(tiny_teacher):
-    from transformers import AutoModelForCausalLM
-
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
     student, _, info = student_from_teacher(str(tiny_teacher), teacher.config.num_hidden_layers)
     ids = torch.randint(0, 49152, (2, 33), generator=torch.Generator().manual_seed(0))
@@ -156,9 +119,6 @@ def test_a_student_with_all_teacher_layers_equals_the_teacher(tiny_teacher):
 
 
 def test_a_student_with_fewer_layers_copies_the_evenly_spread_teacher_layers(tmp_path, tokenizer_dir):
-    from tests.cache_builder.tiny_teacher import make_tiny_teacher
-    from transformers import AutoModelForCausalLM
-
     assert uniform_layers(5, 3) == [0, 2, 4] and uniform_layers(30, 4) == [0, 10, 19, 29] and uniform_layers(5, 1) == [4]
     folder = make_tiny_teacher(tmp_path / "teacher5", tokenizer_dir, layers=5)
     teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
@@ -173,9 +133,6 @@ def test_a_student_with_fewer_layers_copies_the_evenly_spread_teacher_layers(tmp
 
 
 def test_a_derived_student_keeps_the_attention_types_of_the_layers_it_copies(tmp_path, tokenizer_dir):
-    from tests.cache_builder.tiny_teacher import TOKENIZER_FILES
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     folder = tmp_path / "teacher"
     config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
                          num_key_value_heads=1, use_sliding_window=True, sliding_window=16,
@@ -190,8 +147,6 @@ def test_a_derived_student_keeps_the_attention_types_of_the_layers_it_copies(tmp
 
 
 def test_a_student_whose_tokenizer_differs_from_the_caches_is_refused(tiny_teacher, tiny_cache, tmp_path):
-    from transformers import AutoTokenizer
-
     folder = Path(shutil.copytree(tiny_teacher, tmp_path / "student"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_tokens(["<kdcache-extra-token>"])
@@ -201,9 +156,6 @@ def test_a_student_whose_tokenizer_differs_from_the_caches_is_refused(tiny_teach
 
 
 def test_a_student_with_fewer_output_rows_than_the_cache_vocabulary_is_refused(tokenizer_dir, tiny_cache, tmp_path):
-    from tests.cache_builder.tiny_teacher import TOKENIZER_FILES
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path / "small-vocab"
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=1, num_key_value_heads=1, head_dim=64)
@@ -233,8 +185,6 @@ def test_a_feature_phase_trains_only_the_hidden_projector_path(tiny_teacher, tin
 
 @pytest.mark.parametrize("kind", ["fkl_ghost", "rskd", "jsd"])
 def test_a_filler_batch_gives_zero_loss_and_zero_gradients_on_every_loss_path(tiny_teacher, tiny_cache, kind):
-    from student_trainer.losses import HiddenProjector, KDConfig
-
     m = open_cache(tiny_cache).manifest
     student, _, _ = student_from_teacher(str(tiny_teacher), 2)
     model = DistillModel(student, HiddenProjector({1: 1, 2: 2}, 128, 128), m.vocab_size, chunk_tokens=256)
@@ -249,8 +199,6 @@ def test_a_filler_batch_gives_zero_loss_and_zero_gradients_on_every_loss_path(ti
 @pytest.mark.parametrize("which", ["tiny_cache", "packed_cache"])
 def test_the_teacher_scores_zero_kl_and_full_agreement_on_its_own_cache(tiny_teacher, request, which):
     """On the packed cache this also proves attention never crosses a packed document boundary."""
-    from student_trainer.evaluate import evaluate
-
     result = evaluate(str(tiny_teacher), request.getfixturevalue(which), "heldout", batch_size=4, device="cpu")
     assert set(result) == METRIC_KEYS and result["positions"] > 100
     assert abs(result["kl_to_teacher"]) < 1e-4

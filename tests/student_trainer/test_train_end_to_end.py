@@ -21,7 +21,8 @@ from student_trainer.loader import EpochReader, LoaderSettings
 
 pytestmark = pytest.mark.integration
 
-METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece"}
+METRIC_KEYS = {"split", "positions", "kl_to_teacher", "top1_agreement", "top5_overlap", "ce", "perplexity", "ece", "bpb",
+               "aligned_fraction"}
 
 
 def kdcache(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from student_trainer.reporting import ReportError
 from student_trainer.settings import TrainSettings, load_settings
+from student_trainer.student import student_from_teacher
 from student_trainer.train import train
 
 
@@ -105,8 +106,6 @@ def test_gradient_checkpointing_gives_the_same_losses_and_parameters(tiny_teache
 def test_lora_trains_low_rank_updates_only_and_saves_a_merged_folder_transformers_loads(tiny_teacher, tiny_cache, tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
-
-    from student_trainer.student import student_from_teacher
 
     out = tmp_path / "lora"
     train(settings(tiny_cache, tiny_teacher, out, lora_rank=2, lr=1e-2))
