@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str, settings=None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        # No prefixes of long flags: a typo such as --topk would otherwise quietly be --topk-encoding.
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
         if settings is not None:
             add_arguments(p, settings)
         p.set_defaults(func=handler)
