@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-from results import update_results  # noqa: E402
+from results import processor, update_results  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray on loopback only (its address resolution otherwise prefers the machine's network address), no usage reports.
@@ -68,7 +68,9 @@ def rss_child(teacher: str, corpus: str, out: str) -> None:
 
 def peak_rss(teacher: Path, corpus: Path, out: Path) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--rss-child", str(teacher), str(corpus), str(out)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the RSS build over {corpus} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -122,6 +124,73 @@ def executor_rates(teacher: Path, corpus: Path, tmp: Path, rounds: int) -> dict[
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+def driver_rate(teacher: Path, corpus: Path) -> float:
+    """Tokens/s of what a build's driver does for every token on its own: read, tokenize, pack and cut into shard
+    groups (one process; the teacher replicas are elsewhere). A Ray build cannot outrun it."""
+    from transformers import AutoTokenizer
+
+    from cache_builder.corpus import tokenize_corpus
+    from cache_builder.documents import CorpusOptions
+    from cache_builder.groups import shard_groups
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    t0 = time.perf_counter()
+    tokens = sum(g.tokens for g in shard_groups(tokenize_corpus(
+        CorpusOptions(paths=[str(corpus)], seq_len=BUILD["seq_len"]), tokenizer), BUILD["shard_tokens"]))
+    return tokens / (time.perf_counter() - t0)
+
+
+# Capacity plan inputs. Prefill is compute-bound: tokens/s per GPU = MFU x peak / FLOPs per token (2 x parameters).
+H100_BF16_FLOPS = 989e12  # NVIDIA H100 SXM datasheet, dense BF16 tensor core
+PREFILL_MFU = 0.4  # assumed share of peak a large-batch vLLM prefill reaches; an assumption, not a measurement
+# Published vLLM rates for the same models on H100s: generation (decode-heavy) workloads, the only vLLM figures found;
+# a prefill-only build runs faster per token, so these bound the plan from below.
+PUBLISHED = {
+    "8B": ("Llama-3.1-8B FP8, 8x H100 SXM, vLLM 0.5.4: 3,932 output tok/s per 8 GPUs (Lambda, "
+           "github.com/LambdaLabsML/vllm-benchmark, benchmark_v0.md); Llama-3.1-8B FP8, 1x H100, vLLM 0.10.0: "
+           "5,777 tok/s MLPerf Inference v5.1 Offline (Red Hat's submission)", 5777.0),
+    "70B": ("Llama-3.1-70B FP8, 8x H100 SXM (TP 8), vLLM 0.5.4: 2,573 output tok/s (Lambda, same report)", 2573.0 / 8),
+}
+PLAN = {"8B": dict(params=8.0e9, gpus_per_replica=1), "70B": dict(params=70.6e9, gpus_per_replica=4)}
+PLAN_TOKENS, PLAN_GPUS = 1e10, 64  # 10^10 tokens on 8 nodes x 8 GPUs
+
+
+def capacity_plan(figures: dict, driver_tok_s: float) -> str:
+    """Wall time for PLAN_TOKENS on PLAN_GPUS H100s, from the compute bound and from the published rates, each
+    scaled by this run's Ray overhead, and again where the driver's own rate is lower."""
+    overhead = figures["ray_overhead"]
+    rows = []
+    for name, m in PLAN.items():
+        bound = PREFILL_MFU * H100_BF16_FLOPS / (2 * m["params"])
+        source, published = PUBLISHED[name]
+        for label, per_gpu in (("compute bound", bound), ("published generation rate", published)):
+            rate = PLAN_GPUS * per_gpu * overhead
+            rows.append(f"| {name} | {PLAN_GPUS // m['gpus_per_replica']} x TP {m['gpus_per_replica']} | {label} | "
+                        f"{per_gpu:,.0f} | {rate / 1e6:.2f} M | {PLAN_TOKENS / rate / 3600:.1f} h | "
+                        f"{PLAN_TOKENS / min(rate, driver_tok_s) / 3600:.1f} h |")
+    return f"""Capacity plan: 10^10 tokens, 8 nodes x 8 H100 SXM (64 GPUs), one `kdcache build --ray auto` driver. Per
+GPU, two figures: the compute bound of a prefill ({PREFILL_MFU:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s dense BF16,
+an assumed utilization; 2 x parameters FLOPs per token, the LM head over every position included) and published
+vLLM rates, which are generation rates (the only vLLM figures found for these models: {PUBLISHED['8B'][0]};
+{PUBLISHED['70B'][0]}), so a floor for a prefill-only build. Both are multiplied by this run's Ray overhead
+({overhead:.2f}). This run's scaling efficiency ({figures['ray_scaling_efficiency']:.2f}) is not applied: two one-thread
+replicas, the driver (tokenizer thread, publishing), Ray's own processes and other jobs (load above) shared two
+cores, so the second replica had no core of its own; on GPU nodes each replica has its GPU and CPU share.
+
+| teacher | replicas | per-GPU rate from | tok/s per GPU | cluster tok/s | 10^10 tokens | with this driver |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+The 70B teacher is 141 GB in BF16: 4 GPUs per replica (`--vllm-tensor-parallel-size 4`), 16 replicas. The last
+column caps the cluster at the driver's rate: the driver reads, tokenizes and cuts the whole corpus in one process,
+measured here at {driver_tok_s:,.0f} tok/s (SmolLM2 tokenizer, this CPU, loaded). With an 8B teacher the driver, not
+the GPUs, sets the pace; `--num-parts` does not lift it (each part tokenizes the whole corpus to find its shard
+groups); a faster driver CPU or pre-tokenized `input_ids` records would (not measured). The shared filesystem takes
+the cluster rate x bytes per token (356 B/token for plain top-64, 97 for compact: `benchmarks/RESULTS.md`,
+'Quality: compact top-k (issue 17)').
+"""
+
+
 def _path(group) -> str:
     return f"shards/{group.split}-{group.index:05d}.parquet"
 
@@ -159,8 +228,8 @@ def _ray_data(make, spec, s, groups) -> list[tuple[str, int]]:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [{"group": pickle.dumps(g), "path": _path(g)} for g in groups]
-    ds = ray.data.from_items(items).map_batches(Stage, batch_size=1, concurrency=2, num_cpus=1,
-                                                      max_concurrency=2)
+    ds = ray.data.from_items(items).map_batches(Stage, batch_size=1, compute=ray.data.ActorPoolStrategy(size=2),
+                                                num_cpus=1, max_concurrency=2)
     return [(str(row["path"]), int(row["tokens"])) for row in ds.iter_rows()]
 
 
@@ -221,6 +290,8 @@ def main() -> None:
                 print(f"(b) round {r} {name}: {runs[name][-1]['steady_tok_s']:.0f} tok/s steady, start-up "
                       f"{runs[name][-1]['startup_s']:.1f} s")
         executors = executor_rates(teacher, small, tmp, args.rounds)
+        driver = driver_rate(teacher, large)
+        print(f"(c) driver: read, tokenize and group {driver:.0f} tok/s")
         ray.shutdown()
         load_after = os.getloadavg()[0]
         med = {k: statistics.median(x["steady_tok_s"] for x in v) for k, v in runs.items()}
@@ -234,17 +305,15 @@ def main() -> None:
         figures = {"rss_ratio_8x": round(rss_ratio, 3), "ray_scaling_efficiency": round(efficiency, 3),
                    "ray_overhead": round(overhead, 3)}
         if not args.no_results:
-            write_results(args, rss, med, startup, executors, figures, (load_before, load_after))
+            write_results(args, rss, med, startup, executors, figures, (load_before, load_after), driver)
         print(json.dumps(figures))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_results(args, rss, med, startup, executors, figures, load) -> None:
+def write_results(args, rss, med, startup, executors, figures, load, driver: float) -> None:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     cmd = "python benchmarks/builder_scale.py " + " ".join(sys.argv[1:])
     rows = [("peak RSS, N tokens", f"{rss['N']['vmhwm_kib'] / 1024:.0f} MiB ({rss['N']['tokens']} tokens)"),
             ("peak RSS, 8N tokens", f"{rss['8N']['vmhwm_kib'] / 1024:.0f} MiB ({rss['8N']['tokens']} tokens)"),
@@ -258,7 +327,7 @@ def write_results(args, rss, med, startup, executors, figures, load) -> None:
             ("ray_overhead", figures["ray_overhead"])]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     update_results("Builder at scale", f"""Command: `{cmd.strip()}`  
-Machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, ray {_ray_version()}; load
+Machine: {processor()}, {platform.machine()}, torch {torch.__version__}, ray {_ray_version()}; load
 average {load[0]:.1f} before and {load[1]:.1f} after (other jobs shared the two cores: the rates are lower bounds, the
 ratios are what to read).
 
@@ -267,10 +336,10 @@ ratios are what to read).
 {table}
 
 Rates are steady ones (first shard written to last, medians of {args.rounds} interleaved rounds); start-up (to the
-first shard) is apart. Tiny teacher (2 layers, hidden 128, SmolLM2 vocabulary), top-k 8, seq-len 512, batches of 1024 and
-shards of 2048 tokens,
-synthetic text.
-""")
+first shard) is apart. Tiny teacher (2 layers, hidden 128, SmolLM2 vocabulary), top-k 8, seq-len 512, batches of
+1024 and shards of 2048 tokens, synthetic text.
+
+{capacity_plan(figures, driver)}""")
 
 
 def _ray_version() -> str:
