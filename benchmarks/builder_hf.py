@@ -67,10 +67,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from cache_builder.build import bucketed_batches, resolve_teacher_path, run_build
+    from cache_builder.build import resolve_teacher_path, run_build
     from cache_builder.capture import CaptureSettings
     from cache_builder.corpus import tokenize_corpus
     from cache_builder.documents import CorpusOptions
+    from cache_builder.records import bucketed_batches
     from cache_builder.settings import BuildSettings
     from cache_builder.teacher import Job
     from cache_builder.teacher_hf import load_hf_teacher

@@ -1,101 +1,60 @@
 """`kdcache build`: corpus -> teacher -> records -> a format-v1 cache, resumable and deterministic.
 
 The story of a build:
-1. settings are resolved and the output is opened (lock; a different build in the same folder is
-   refused, the same build resumes after its last published shard);
-2. the corpus is tokenized and cut into shard groups of `shard_tokens` tokens per split, a rule that
-   depends only on the token stream, so a resumed build meets the same groups;
-3. each group is run through the teacher in length-bucketed batches of at most `max_batch_tokens`
-   (batches never cross a group, so a resumed build computes bit-identical records);
-4. a background thread publishes each finished shard while the teacher works on the next.
+1. settings are resolved, the teacher is described from its folder (not loaded) and the field table fixed
+   (a loss mask if some source starts with a chat record); the corpus is listed, not read;
+2. the corpus streams: sources are read, hashed and tokenized as the stream reaches them, and cut into shard
+   groups of `shard_tokens` tokens per split, a rule of the token stream alone (`groups`), so a resumed build,
+   every part of a `--num-parts` build and every Ray replica meet the same groups; only a few groups are in
+   memory at once;
+3. the output is opened when the first group closes (lock; a different build in the same folder is refused,
+   the same build resumes after its last published shard); a group already published is checked and skipped,
+   and the teacher is loaded only for the first group left to compute, so a finished build loads none;
+4. each group left goes to a replica (`replicas.LocalReplica`: the teacher in this process; `ray_build`: N
+   teachers on a Ray cluster), which computes its records in length-bucketed batches and writes the shard's
+   files; this process alone publishes them in the manifest, in shard order (the shards of the split that
+   holds the first sequence as they finish, the other split's when the build ends), and finishes the cache
+   with the corpus fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from cache_builder.capture import CaptureSettings, sample_seed
-from cache_builder.corpus import tokenize_corpus
+from cache_builder.capture import CaptureSettings
+from cache_builder.corpus import first_records_hold_chat, tokenize_corpus
 from cache_builder.default_teacher import default_teacher_dir
 from cache_builder.documents import CorpusOptions, CorpusStats
 from cache_builder.dtypes import HIDDEN_DTYPES, LOGPROB_DTYPES
 from cache_builder.errors import BuildError
+from cache_builder.groups import SPLITS, ShardGroup, check_published, part_index, shard_groups
+from cache_builder.ray_build import RaySession
+from cache_builder.records import RecordSpec
+from cache_builder.replicas import Finished, LocalReplica, Replicas, ShardWork
 from cache_builder.settings import BuildSettings
-from cache_builder.sources import corpus_fingerprint
-from cache_builder.teacher import Job, Teacher, normalize_layers
+from cache_builder.sources import CorpusFingerprint
+from cache_builder.teacher import Teacher, normalize_layers
 from cache_builder.teacher_folder import check_teacher_folder
 from cache_builder.teacher_hf import HFTeacher
 from cache_builder.teacher_vllm import VllmTeacher
-from formats.manifest import Manifest
-from formats.schema import SeqBlock, make_fields
+from formats.errors import CacheError
+from formats.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from formats.schema import make_fields
 from formats.tokenizer import tokenizer_info
 from formats.store import check_writable
 from formats.writer import CacheWriter
 
-
-def _segments(position_ids: np.ndarray | None, n: int) -> list[tuple[int, int]]:
-    """Document segments of a (packed) sequence: runs that start where position_ids restart at 0."""
-    if position_ids is None:
-        return [(0, n)]
-    starts = [int(i) for i in np.flatnonzero(position_ids == 0)] or [0]
-    if starts[0] != 0:
-        starts.insert(0, 0)
-    return list(zip(starts, starts[1:] + [n]))
-
-
-def bucketed_batches(jobs: list[Job], max_batch_tokens: int) -> list[list[Job]]:
-    """Sort rows by length (longest first) and cut into batches whose padded size fits the budget."""
-    order = sorted(jobs, key=lambda j: (-len(j.ids), j.seq))
-    batches, current = [], []
-    for job in order:
-        width = len(current[0].ids) if current else len(job.ids)
-        if current and width * (len(current) + 1) > max_batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(job)
-    if current:
-        batches.append(current)
-    return batches
-
-
-class ShardPublisher:
-    """Publishes shards from a background thread so the teacher never waits for disk."""
-
-    def __init__(self, writer):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="kdcache-shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write_shard(*item)
-                except BaseException as e:  # re-raised in the builder's thread
-                    self.error = e
-
-    def put(self, split: str, block: SeqBlock) -> None:
-        self._raise()
-        self.queue.put((split, block))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
+PREFETCH_GROUPS = 2  # closed groups the tokenizer thread may hold ahead of the teacher
 
 
 def resolve_teacher_path(teacher: str) -> tuple[str, str]:
@@ -116,6 +75,15 @@ def run_build(s: BuildSettings) -> Manifest:
     """Build (or resume) the cache described by `s`; returns the finished manifest."""
     s.validate()
     check_writable(s.out)  # an output that cannot be written is refused before the teacher loads (one line)
+    session = RaySession.connect(s.ray) if s.ray else None
+    try:
+        return _build(s, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _build(s: BuildSettings, session: RaySession | None) -> Manifest:
     path, name = resolve_teacher_path(s.teacher)
     check_teacher_folder(path)
     try:
@@ -123,80 +91,230 @@ def run_build(s: BuildSettings) -> Manifest:
     except (OSError, ValueError) as e:  # e.g. custom tokenizer code without --trust-remote-code
         raise BuildError(f"teacher {path!r}: its tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
     tok_info = tokenizer_info(tokenizer)
-    teacher = open_teacher(path, name, s)
+    # On Ray the replicas' nodes, not this one, decide what 'auto' means.
+    teacher_settings = dataclasses.replace(s, device=session.device(s.device)) if session else s
+    teacher = open_teacher(path, name, teacher_settings)
     teacher_info = teacher.describe()
     if s.top_k > tok_info["vocab_size"]:
         raise BuildError(f"--top-k {s.top_k} is larger than the teacher's vocabulary ({tok_info['vocab_size']} tokens)")
     layers = normalize_layers(s.hidden_layers, teacher_info["num_layers"])
     opts = CorpusOptions(paths=list(s.corpus), text_field=s.text_field, txt_split=s.txt_split, seq_len=s.seq_len,
-                         packing=s.packing, heldout_fraction=s.heldout_fraction, skip_bad_records=s.skip_bad_records,
-                         num_parts=s.num_parts, part=s.part)
-    # Tokenizing first tells which optional fields the corpus needs (a loss mask for chat data).
-    stats = CorpusStats()
-    sequences = list(tokenize_corpus(opts, tokenizer, stats))
-    if not sequences:
-        raise BuildError(f"corpus {s.corpus}: no tokens to cache (every document is empty)")
-    corpus_info = corpus_fingerprint(opts)
-    corpus_info["heldout_fraction"] = s.heldout_fraction
+                         packing=s.packing, heldout_fraction=s.heldout_fraction, skip_bad_records=s.skip_bad_records)
+    fingerprint = CorpusFingerprint(opts)  # lists the corpus (names, sizes); reads nothing yet
+    chat = first_records_hold_chat(opts)
+    opts = dataclasses.replace(opts, chat=chat)
     lp_dtype = LOGPROB_DTYPES[s.logprob_dtype]
     slots = s.sample_slots or s.sample_draws
     fields = make_fields(
         s.top_k, lp_dtype, sample_slots=slots, count_dtype="U8" if s.sample_draws <= 255 else "U16",
         hidden={layer: (teacher_info["hidden_size"], HIDDEN_DTYPES[s.hidden_dtype]) for layer in layers},
-        loss_mask=any(q.loss_mask is not None for q in sequences), position_ids=s.packing, byte_offsets=s.byte_offsets,
+        loss_mask=chat, position_ids=s.packing, byte_offsets=s.byte_offsets,
         topk_encoding=s.topk_encoding, logprob_bits=s.logprob_bits, vocab_size=tok_info["vocab_size"],
     )
     build_section = s.content_settings()
     build_section.update(top_k=s.top_k, sample_draws=s.sample_draws, hidden_layers=layers)
     manifest = Manifest(backend=s.format, fields=fields, teacher=teacher_info, tokenizer=tok_info, build=build_section,
-                        corpus=corpus_info, created_by=f"kdcache {version('kdcache')}")
-    writer = CacheWriter(s.out, manifest, shard_tokens=s.shard_tokens, overwrite=s.overwrite)
+                        corpus=fingerprint.section, created_by=f"kdcache {version('kdcache')}")
+    manifest.corpus["heldout_fraction"] = s.heldout_fraction
+    spec = RecordSpec(CaptureSettings(top_k=s.top_k, vocab_size=tok_info["vocab_size"], temperature=s.temperature,
+                                      logprob_dtype=lp_dtype, sample_draws=s.sample_draws, sample_slots=slots,
+                                      seed=s.seed),
+                      layers, HIDDEN_DTYPES[s.hidden_dtype], fields, s.max_batch_tokens, s.seed)
+    previous = _previous_manifest(s)
+    if previous is not None and fingerprint.adopt(previous.corpus) and previous.complete:
+        return _check_finished(s, manifest, fingerprint)
+    stats = CorpusStats()
+    progress = Progress(s.progress, fingerprint, stats, s.num_parts)
+
+    def start_replicas() -> Replicas:
+        if session is not None:
+            make = functools.partial(open_teacher, path, name, teacher_settings)
+            return session.replicas(make, spec, teacher_settings, progress.update)
+        return LocalReplica(teacher, spec, s.out, s.format, progress.update)
+
+    t0 = time.perf_counter()
+    groups = shard_groups(tokenize_corpus(opts, tokenizer, stats, fingerprint), s.shard_tokens)
+    final, done_tokens = _stream(s, manifest, fingerprint, _prefetched(groups, PREFETCH_GROUPS), start_replicas,
+                                 progress)
+    _summary(s, final, stats, done_tokens, time.perf_counter() - t0)
+    return final
+
+
+def _stream(s: BuildSettings, manifest: Manifest, fingerprint: CorpusFingerprint, groups: Iterator[ShardGroup],
+            start_replicas, progress: Progress) -> tuple[Manifest, int]:
+    """Steps 3 and 4 of the story: skip what is published, compute the rest, publish in order, finish."""
+    writer: CacheWriter | None = None
+    replicas: Replicas | None = None
+    done_tokens = 0
     try:
-        cs = CaptureSettings(top_k=s.top_k, vocab_size=tok_info["vocab_size"], temperature=s.temperature,
-                             logprob_dtype=lp_dtype, sample_draws=s.sample_draws, sample_slots=slots, seed=s.seed)
-        plan = _shard_groups(sequences, s.shard_tokens, {sp: writer.done_sequences(sp) for sp in ("train", "heldout")})
-        todo_tokens = sum(len(q.input_ids) for _, _, group in plan for q in group)
-        t0, done_tokens = time.perf_counter(), 0
-        teacher.start()
-        publisher = ShardPublisher(writer)
-        bar = _progress(todo_tokens, s.progress)
-        try:
-            for split, first_index, group in plan:
-                jobs = []
-                for j, q in enumerate(group):
-                    segs = _segments(q.position_ids, len(q.input_ids))
-                    for g, (a, b) in enumerate(segs):
-                        nxt = int(q.input_ids[b]) if b < len(q.input_ids) else -1
-                        jobs.append(Job(j, a, q.input_ids[a:b], nxt, sample_seed(s.seed, split, first_index + j) + g))
-                results: dict[int, list[tuple[int, dict]]] = {}
-                for batch in bucketed_batches(jobs, s.max_batch_tokens):
-                    recs = teacher.run(batch, cs, layers, HIDDEN_DTYPES[s.hidden_dtype], progress=bar.update)
-                    for job, rec in zip(batch, recs):
-                        results.setdefault(job.seq, []).append((job.start, rec))
-                    done_tokens += sum(len(j.ids) for j in batch)
-                seqs = []
-                for j, q in enumerate(group):
-                    parts = sorted(results[j], key=lambda r: r[0])
-                    rec = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-                    rec.update(input_ids=q.input_ids, doc_index=np.int64(q.doc_index))
-                    if "loss_mask" in fields:
-                        rec["loss_mask"] = q.loss_mask if q.loss_mask is not None else np.ones(len(q.input_ids), np.uint8)
-                    if s.packing:
-                        rec["position_ids"] = q.position_ids
-                    if s.byte_offsets:
-                        if q.byte_offsets is None:
-                            raise BuildError("--byte-offsets needs text documents (not pre-tokenized ids or chat messages)")
-                        rec["byte_offsets"] = q.byte_offsets
-                    seqs.append(rec)
-                publisher.put(split, SeqBlock.from_sequences(seqs, fields))
-            publisher.close()
-        finally:
-            bar.close()
-            teacher.close()  # a vLLM engine keeps its processes (and GPUs) until closed
+        for group in groups:
+            if writer is None:
+                writer = CacheWriter(s.out, manifest, shard_tokens=s.shard_tokens, overwrite=s.overwrite)
+                order = InOrder(writer)
+                published = {split: writer.manifest.split_shards(split) for split in SPLITS}
+                own = dict.fromkeys(SPLITS, 0)
+            k = part_index(group, s.num_parts, s.part)
+            if k is None:
+                continue
+            own[group.split] += 1
+            if k < len(published[group.split]):
+                check_published(published[group.split][k], group)
+                progress.skip(group.tokens)
+                continue
+            if replicas is None:
+                replicas = start_replicas()
+            order.add(replicas.submit(ShardWork(group, k, writer.shard_path(group.split, k))))
+            done_tokens += group.tokens
+        if writer is None:
+            raise BuildError(f"corpus {s.corpus}: no tokens to cache (every document is empty)")
+        for split in SPLITS:
+            if own[split] < len(published[split]):
+                raise BuildError(f"{s.out}: the cache holds {len(published[split])} {split} shards, this corpus gives "
+                                 f"{own[split]}; use --overwrite")
+        if replicas is not None:
+            order.add(replicas.drain())
+        order.finish()
+        fingerprint.finish()  # fills the manifest's corpus section (the same dict) with the fingerprint
+        writer.remove_leftovers()
+        return writer.finish(), done_tokens
+    except BaseException:
+        if replicas is not None:
+            replicas.close()
+            replicas = None
+        if writer is not None:
+            try:
+                writer.remove_leftovers()  # shards written but not published: not part of the cache
+            except CacheError:
+                pass
+        raise
+    finally:
+        groups.close()
+        progress.close()
+        if replicas is not None:
+            replicas.close()
+        if writer is not None:
+            writer.close()
+
+
+class InOrder:
+    """Publishes finished shards in the order the manifest lists them, whatever order replicas finish in: a split's
+    shards by index, and first every shard of the split that holds the corpus's first sequence, then (when the
+    build ends) those of the other."""
+
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
+        self.ready: dict[str, dict] = {split: {} for split in SPLITS}
+        self.next = {split: len(writer.manifest.split_shards(split)) for split in SPLITS}
+        self.order = list(SPLITS)
+
+    def add(self, finished: list[Finished]) -> None:
+        for work, entry in finished:
+            self.ready[work.group.split][work.index] = entry
+            other = next(sp for sp in SPLITS if sp != work.group.split)
+            self.order = [work.group.split, other] if work.group.leads else [other, work.group.split]
+        self._publish(self.order[0])
+
+    def finish(self) -> None:
+        for split in self.order:
+            self._publish(split)
+            if self.ready[split]:
+                raise BuildError(f"{split} shard {min(self.ready[split])} finished but shard {self.next[split]} never "
+                                 "did")
+
+    def _publish(self, split: str) -> None:
+        while self.next[split] in self.ready[split]:
+            self.writer.publish(self.ready[split].pop(self.next[split]))
+            self.next[split] += 1
+
+
+def _previous_manifest(s: BuildSettings) -> Manifest | None:
+    """The manifest already at --out, read without the lock (the writer reads it again under the lock)."""
+    path = Path(s.out) / MANIFEST_NAME
+    if s.overwrite or not path.is_file():
+        return None
+    try:
+        return parse_manifest(path.read_bytes(), str(path))
+    except (OSError, CacheError):
+        return None  # the writer names the problem
+
+
+def _check_finished(s: BuildSettings, manifest: Manifest, fingerprint: CorpusFingerprint) -> Manifest:
+    """A finished cache asked for again: same settings (the writer's check), same corpus bytes; nothing is
+    tokenized and no teacher loaded."""
+    t0 = time.perf_counter()
+    fingerprint.hash_all()  # refuses a file whose content changed, before the cache is touched
+    fingerprint.finish()
+    writer = CacheWriter(s.out, manifest, shard_tokens=s.shard_tokens, overwrite=False)
+    try:
         final = writer.finish()
     finally:
         writer.close()
-    elapsed = time.perf_counter() - t0
+    _summary(s, final, CorpusStats(), 0, time.perf_counter() - t0)
+    return final
+
+
+def _prefetched(items: Iterator[ShardGroup], depth: int) -> Iterator[ShardGroup]:
+    """`items` produced by a background thread, at most `depth` ahead: reading and tokenizing the corpus overlaps
+    the teacher. The producer's exception is raised here; closing the generator stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # raised in the consumer
+            put(e)
+
+    thread = threading.Thread(target=produce, name="kdcache-corpus", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Progress:
+    """The teacher's progress bar: tokens computed, tok/s (cluster-wide on Ray: every replica's groups count) and
+    an ETA. The total is an estimate while the corpus streams: the corpus bytes, at the tokens per byte read so
+    far, this part's share, less the tokens already published."""
+
+    def __init__(self, enabled: bool, fingerprint: CorpusFingerprint, stats: CorpusStats, num_parts: int):
+        self.fingerprint, self.stats, self.num_parts = fingerprint, stats, num_parts
+        self.skipped = 0
+        self.bar = tqdm(total=None, unit="tok", unit_scale=True, disable=not enabled, desc="teacher", smoothing=0.1)
+
+    def skip(self, tokens: int) -> None:
+        self.skipped += tokens
+
+    def update(self, tokens: int) -> None:
+        read = self.fingerprint.bytes_read
+        if read:
+            corpus = self.stats.tokens * self.fingerprint.total_bytes / read
+            self.bar.total = max(self.bar.n + tokens, int(corpus / self.num_parts) - self.skipped)
+        self.bar.update(tokens)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _summary(s: BuildSettings, final: Manifest, stats: CorpusStats, done_tokens: int, elapsed: float) -> None:
     totals = final.totals()
     print(f"kdcache build: {totals['tokens']} tokens in {totals['shards']} shards, "
           f"{totals['bytes'] / max(1, totals['tokens']):.1f} B/token; this run {done_tokens} tokens in "
@@ -205,31 +323,3 @@ def run_build(s: BuildSettings) -> Manifest:
         print(f"kdcache build: {stats.windowed_documents} document(s) longer than --seq-len {s.seq_len} were split into windows")
     if stats.skipped_records:
         print(f"kdcache build: skipped {stats.skipped_records} malformed record(s) (--skip-bad-records)")
-    return final
-
-
-def _shard_groups(sequences, shard_tokens: int, done: dict[str, int]) -> list[tuple[str, int, list]]:
-    """(split, index of the first sequence in its split, sequences) for every shard still to write.
-
-    A group closes once it holds `shard_tokens` tokens: a rule of the token stream alone, so the groups
-    of a resumed build line up with the shards already published (the first `done[split]` sequences).
-    """
-    by_split: dict[str, list] = {}
-    for q in sequences:
-        by_split.setdefault(q.split, []).append(q)
-    plan = []
-    for split, seqs in by_split.items():
-        start, tokens = 0, 0
-        for i, q in enumerate(seqs):
-            tokens += len(q.input_ids)
-            if tokens >= shard_tokens or i == len(seqs) - 1:
-                if i + 1 > done.get(split, 0):
-                    if start < done.get(split, 0):
-                        raise BuildError(f"{split}: published shards do not line up with this corpus; use --overwrite")
-                    plan.append((split, start, seqs[start : i + 1]))
-                start, tokens = i + 1, 0
-    return plan
-
-
-def _progress(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, desc="teacher", smoothing=0.1)

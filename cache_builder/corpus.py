@@ -3,8 +3,9 @@
 The stages, one module each: `sources` (paths, directories and globs -> files), `readers` (a file -> its
 documents), `documents` (a document's identity and split; the options and counters shared by all stages),
 `tokenization` (text -> ids and byte offsets), `chat` (messages -> ids and loss mask), `packing` (windows and
-packed sequences). This module runs them in order. Empty documents (whitespace-only text, no turns, no ids)
-are skipped and counted; counts are in the `CorpusStats` a caller may pass in.
+packed sequences). This module runs them in order, as a stream: a source is read when the stream reaches it,
+so memory does not grow with the corpus. Empty documents (whitespace-only text, no turns, no ids) are skipped
+and counted; counts are in the `CorpusStats` a caller may pass in.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from cache_builder.documents import CorpusOptions, CorpusStats, Document, check_
 from cache_builder.errors import BuildError
 from cache_builder.packing import Packer, TokenizedSequence, Tokens, unpacked, windows
 from cache_builder.readers import read_source
-from cache_builder.sources import resolve_sources
+from cache_builder.sources import CorpusFingerprint, resolve_sources
 from cache_builder.tokenization import TokenizerInfo, check_ids, encode_texts
 
 TOKENIZE_BATCH = 256  # documents per tokenizer call: the Rust tokenizer is much faster on batches
 
 
-def iter_documents(opts: CorpusOptions, stats: CorpusStats | None = None) -> Iterator[Document]:
-    """Non-empty documents in a fixed order: sources sorted by path, records in file order."""
+def iter_documents(opts: CorpusOptions, stats: CorpusStats | None = None,
+                   fingerprint: CorpusFingerprint | None = None) -> Iterator[Document]:
+    """Non-empty documents in a fixed order: sources sorted by path, records in file order. With `fingerprint`,
+    each source's files are hashed into it when the stream reaches them."""
     check_options(opts)
     stats = stats if stats is not None else CorpusStats()
     found = 0
     for kind, path in resolve_sources(opts.paths, stats):
         stats.sources += 1
+        if fingerprint is not None:
+            fingerprint.read(path)
         for doc in read_source(kind, path, opts, stats):
             if _is_empty(doc):
                 stats.empty_documents += 1
@@ -47,11 +52,29 @@ def _is_empty(doc: Document) -> bool:
     return not (doc.messages if doc.messages is not None else doc.input_ids)
 
 
-def tokenize_corpus(opts: CorpusOptions, tokenizer, stats: CorpusStats | None = None) -> Iterator[TokenizedSequence]:
+def first_records_hold_chat(opts: CorpusOptions) -> bool:
+    """Whether the first record of some jsonl, parquet or arrow source is a chat record: the build then stores a
+    loss mask. Reads one record (or batch) per source, not the corpus; a parquet or arrow source's column, and so
+    every record's kind, is fixed by its schema, while a jsonl file's later records must agree with its first
+    (`CorpusOptions.chat`)."""
+    for kind, path in resolve_sources(opts.paths):
+        if kind == "txt":
+            continue
+        try:
+            first = next(read_source(kind, path, opts, CorpusStats()), None)
+        except BuildError:  # a bad first record: the stream reports it where it belongs
+            continue
+        if first is not None and first.messages is not None:
+            return True
+    return False
+
+
+def tokenize_corpus(opts: CorpusOptions, tokenizer, stats: CorpusStats | None = None,
+                    fingerprint: CorpusFingerprint | None = None) -> Iterator[TokenizedSequence]:
     """Sequences of at most `opts.seq_len` tokens, in document order (packed per split with `packing`)."""
     stats = stats if stats is not None else CorpusStats()
     packers = {"train": Packer(opts.seq_len), "heldout": Packer(opts.seq_len)}
-    for tokens in _tokenized_documents(opts, tokenizer, stats):
+    for tokens in _tokenized_documents(opts, tokenizer, stats, fingerprint):
         if len(tokens.ids) > opts.seq_len:
             stats.windowed_documents += 1
         for window in windows(tokens, opts.seq_len):
@@ -67,13 +90,12 @@ def tokenize_corpus(opts: CorpusOptions, tokenizer, stats: CorpusStats | None = 
             yield seq
 
 
-def _tokenized_documents(opts: CorpusOptions, tokenizer, stats: CorpusStats) -> Iterator[Tokens]:
-    """Documents of this part, tokenized in batches, in order."""
+def _tokenized_documents(opts: CorpusOptions, tokenizer, stats: CorpusStats,
+                         fingerprint: CorpusFingerprint | None) -> Iterator[Tokens]:
+    """Documents tokenized in batches, in order."""
     ctx = TokenizerInfo.of(tokenizer)
     batch: list[tuple[int, str, Document]] = []
-    for doc_index, doc in enumerate(iter_documents(opts, stats)):
-        if doc_index % opts.num_parts != opts.part:
-            continue
+    for doc_index, doc in enumerate(iter_documents(opts, stats, fingerprint)):
         split = "heldout" if is_heldout(doc, opts.heldout_fraction) else "train"
         stats.heldout_documents += split == "heldout"
         batch.append((doc_index, split, doc))

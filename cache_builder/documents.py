@@ -30,8 +30,9 @@ class CorpusOptions:
     packing: bool = False  # pack short documents of one split into sequences of up to seq_len tokens
     heldout_fraction: float = 0.0  # fraction of documents (by a hash of doc_id) in the "heldout" split
     skip_bad_records: bool = False  # skip and count malformed records instead of failing
-    num_parts: int = 1  # keep only documents with doc_index % num_parts == part (one part per node)
-    part: int = 0
+    # False: a chat record is an error. A streamed build fixes its field table (a loss mask or not) before it
+    # reads the corpus, from the first record of each source (`corpus.first_records_hold_chat`).
+    chat: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,6 @@ def check_options(opts: CorpusOptions) -> None:
         raise BuildError(f"--seq-len must be positive, got {opts.seq_len}")
     if not 0.0 <= opts.heldout_fraction <= 1.0:
         raise BuildError(f"--heldout-fraction must be in [0, 1], got {opts.heldout_fraction}")
-    if opts.num_parts < 1:
-        raise BuildError(f"--num-parts must be positive, got {opts.num_parts}")
-    if not 0 <= opts.part < opts.num_parts:
-        raise BuildError(f"--part must be in [0, {opts.num_parts}), got {opts.part}")
 
 
 def content_hash(text: str | None = None, messages: list[dict] | None = None, ids: list[int] | None = None) -> str:

@@ -2,6 +2,9 @@
 
 The merged manifest names the parts' shards by paths relative to the merged folder, so every part must
 live inside it (e.g. build with `--out CACHE/part-0 --part 0`, ...; then `kdcache merge CACHE CACHE/part-*`).
+Part p of P computed shard groups p, p + P, p + 2P, ... of each split (`groups.part_index`), so listing the
+parts' shards round-robin restores the order of a one-part build: the merged cache has its content checksums,
+shard for shard.
 CACHE may be a local folder or an object-store URL (s3://bucket/cache with parts s3://bucket/cache/part-0, ...).
 """
 
@@ -74,10 +77,15 @@ def merge_parts(out: str | os.PathLike, parts: list[str]) -> Manifest:
         complete=True, created_by=f"kdcache {version('kdcache')}",
         extra={"parts": [rel for rel, _ in loaded]},
     )
-    for rel, m in loaded:
-        for s in m.shards:
-            merged.shards.append(ShardEntry(f"{rel}/{s.path}", s.split, s.sequences, s.tokens, s.bytes, s.sha256,
-                                            s.files, s.content_sha256))
+    splits = list(dict.fromkeys(s.split for _, m in loaded for s in m.shards))  # part 0's order first
+    for split in splits:
+        per_part = [[(rel, s) for s in m.shards if s.split == split] for rel, m in loaded]
+        for k in range(max(map(len, per_part))):
+            for shards in per_part:
+                if k < len(shards):
+                    rel, s = shards[k]
+                    merged.shards.append(ShardEntry(f"{rel}/{s.path}", s.split, s.sequences, s.tokens, s.bytes,
+                                                    s.sha256, s.files, s.content_sha256))
     try:  # the card first, the manifest last: the manifest names the merged cache only once all is in place
         store.write_bytes("README.md", render_card(merged).encode())
         store.write_bytes(MANIFEST_NAME, manifest_bytes(merged))

@@ -54,8 +54,15 @@ class BuildSettings:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = setting(False, "allow code shipped with the teacher to run")
     seed: int = setting(0, "RS-KD sampling seed", min=0)
-    num_parts: int = setting(1, "split the corpus into this many disjoint parts (one per node)", above=0)
+    num_parts: int = setting(1, "split the build into this many parts (one process per node or GPU group; part I "
+                                "computes every P-th shard)", above=0)
     part: int = setting(0, "which part this process builds", min=0)
+    ray: str | None = setting(None, "run on a Ray cluster: 'auto' joins the running one, an ADDRESS joins that one, no "
+                                    "value starts one on this machine", nargs="?", const="local", metavar="ADDRESS",
+                              content=False)
+    ray_replicas: int = setting(1, "--ray: teacher replicas (GPUs each: 1 for hf on GPU, tensor x pipeline parallel "
+                                   "size for vllm)", above=0, content=False)
+    ray_cpus: int = setting(1, "--ray: CPUs per replica (a CPU teacher's threads)", above=0, content=False)
     vllm: dict = setting(dict, "--backend vllm engine options (the --vllm-* flags)", cli=False)
     overwrite: bool = setting(False, "replace an existing cache at --out", content=False)
     progress: bool = setting(True, "show a progress bar", content=False)
@@ -82,6 +89,8 @@ class BuildSettings:
             raise BuildError(f"--part must be in [0, {self.num_parts}), got {self.part}")
         if self.seq_len > self.max_batch_tokens:
             raise BuildError(f"--seq-len {self.seq_len} exceeds --max-batch-tokens {self.max_batch_tokens}")
+        if self.ray is None and (self.ray_replicas, self.ray_cpus) != (1, 1):
+            raise BuildError("--ray-replicas and --ray-cpus need --ray")
         if self.vllm and self.backend != "vllm":
             raise BuildError(f"--vllm-{next(iter(self.vllm)).replace('_', '-')} needs --backend vllm")
         VllmOptions.from_dict(self.vllm)

@@ -90,24 +90,104 @@ def datasets_arrow_files(folder: Path) -> list[Path]:
     return files
 
 
-def corpus_fingerprint(opts: CorpusOptions) -> dict:
-    """{"sources": [{"path", "bytes", "sha256"}], "sha256": combined} over every file read.
+def source_files(kind: str, path: Path) -> list[tuple[Path, str]]:
+    """(file, name) of each file a source reads: the file itself, or a datasets folder's arrow files named
+    `folder/file`. The name, not the directory, enters fingerprints and document ids."""
+    if kind == "datasets":
+        return [(f, f"{path.name}/{f.name}") for f in datasets_arrow_files(path)]
+    return [(path, path.name)]
 
-    The combined hash covers the options that change documents (text_field, txt_split) and, per file in
-    order, its name (doc ids contain it), size and content hash; not its directory, so a corpus moved to
-    another machine keeps its fingerprint.
+
+class CorpusFingerprint:
+    """The manifest's `corpus` section, made while the corpus streams (SPEC.md, `corpus`).
+
+    Up front, from the file system alone: every file's name and size (`listing_sha256`). Each file's content
+    hash is taken when the stream reaches it (`read`), and the fingerprint (`sha256`) once every file has
+    been hashed (`finish`). A build resumed on a cache whose listing matches adopts the hashes recorded so
+    far, and `read` then refuses a file whose content changed since.
     """
-    check_options(opts)
-    entries = []
-    for kind, path in resolve_sources(opts.paths):
-        files = datasets_arrow_files(path) if kind == "datasets" else [path]
-        for f in files:
-            label = f"{path.name}/{f.name}" if kind == "datasets" else f.name
-            entries.append({"path": str(f), "name": label, "bytes": f.stat().st_size, "sha256": _file_sha256(f)})
-    combined = json.dumps({"text_field": opts.text_field, "txt_split": opts.txt_split,
-                           "files": [[e["name"], e["bytes"], e["sha256"]] for e in entries]}, separators=(",", ":"))
-    return {"sources": [{"path": e["path"], "bytes": e["bytes"], "sha256": e["sha256"]} for e in entries],
-            "sha256": hashlib.sha256(combined.encode("utf-8")).hexdigest()}
+
+    def __init__(self, opts: CorpusOptions):
+        check_options(opts)
+        self.opts = opts
+        self.files: list[tuple[Path, str]] = []
+        self.by_source: dict[Path, list[int]] = {}
+        for kind, path in resolve_sources(opts.paths):
+            for f, name in source_files(kind, path):
+                self.by_source.setdefault(path, []).append(len(self.files))
+                self.files.append((f, name))
+        sources = [{"path": str(f), "bytes": f.stat().st_size, "sha256": None} for f, _ in self.files]
+        listing = {"text_field": opts.text_field, "txt_split": opts.txt_split,
+                   "files": [[name, e["bytes"]] for (_, name), e in zip(self.files, sources)]}
+        # Only values are replaced from here on (never keys added), so a manifest written from another thread
+        # while the stream runs always serialises a consistent section.
+        self.section = {"listing_sha256": _sha256_json(listing), "sources": sources, "sha256": None}
+        self.bytes_read = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e["bytes"] for e in self.section["sources"])
+
+    def adopt(self, previous: dict) -> bool:
+        """Take the content hashes `previous` (an earlier build's corpus section) recorded, if its listing is this
+        one; `read` then checks each file against them."""
+        if previous.get("listing_sha256") != self.section["listing_sha256"]:
+            return False
+        for mine, theirs in zip(self.section["sources"], previous.get("sources", [])):
+            mine["sha256"] = theirs.get("sha256")
+        self.section["sha256"] = previous.get("sha256")
+        return True
+
+    def read(self, source: Path) -> None:
+        """Hash the files of `source` (as `resolve_sources` gave it) as the stream reaches it."""
+        for i in self.by_source[source]:
+            self._hash(i)
+
+    def hash_all(self) -> None:
+        for i in range(len(self.files)):
+            self._hash(i)
+
+    def _hash(self, i: int) -> None:
+        (path, _), entry = self.files[i], self.section["sources"][i]
+        try:
+            size, digest = path.stat().st_size, _file_sha256(path)
+        except OSError as e:
+            raise BuildError(f"{path}: cannot read corpus file ({e.strerror or e})") from None
+        if size != entry["bytes"]:
+            raise BuildError(f"{path}: corpus file changed while the build ran ({entry['bytes']} bytes when the "
+                             f"corpus was listed, {size} now)")
+        if entry["sha256"] is not None and entry["sha256"] != digest:
+            raise BuildError(f"{path}: corpus file changed since this cache was built from it (same size, other "
+                             "content); use --overwrite to rebuild")
+        entry["sha256"] = digest
+        self.bytes_read += size
+
+    def finish(self) -> dict:
+        """The section with its fingerprint, once every file has been read."""
+        missing = [str(f) for (f, _), e in zip(self.files, self.section["sources"]) if e["sha256"] is None]
+        if missing:
+            raise BuildError(f"corpus: {len(missing)} file(s) were never read, e.g. {missing[0]}")
+        combined = {"text_field": self.opts.text_field, "txt_split": self.opts.txt_split,
+                    "files": [[name, e["bytes"], e["sha256"]] for (_, name), e in zip(self.files, self.section["sources"])]}
+        self.section["sha256"] = _sha256_json(combined)
+        return self.section
+
+
+def corpus_fingerprint(opts: CorpusOptions) -> dict:
+    """The `corpus` section of a finished build, made by hashing every file now: `{"listing_sha256", "sources":
+    [{"path", "bytes", "sha256"}], "sha256"}`.
+
+    `sha256` covers the options that change documents (text_field, txt_split) and, per file in order, its
+    name (doc ids contain it), size and content hash; not its directory, so a corpus moved to another
+    machine keeps its fingerprint.
+    """
+    fp = CorpusFingerprint(opts)
+    fp.hash_all()
+    return fp.finish()
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -28,20 +28,21 @@ REQUIRED = dataclasses.MISSING
 def setting(default: Any = REQUIRED, help: str = "", *, choices: Iterable | None = None, min: float | None = None,
             max: float | None = None, above: float | None = None, below: float | None = None,
             flag: str | None = None, cli: bool = True, parse: Callable[[str], Any] | None = None,
-            nargs: str | None = None, metavar: str | None = None, content: bool = True, required: bool = False,
-            positional: bool = False) -> Any:
+            nargs: str | None = None, const: Any = None, metavar: str | None = None, content: bool = True,
+            required: bool = False, positional: bool = False) -> Any:
     """A dataclass field with its help and rules.
 
     min/max: inclusive bounds; above/below: exclusive ones. `flag`: the command-line flag when it is not
     `--name-with-dashes`; `cli=False`: no flag (YAML or API only). `parse`: turns the flag's text into the value
-    (e.g. '-1,12' -> [-1, 12]). `content=False`: the setting does not change what is built (left out of a
+    (e.g. '-1,12' -> [-1, 12]). `nargs="?"` with `const`: a flag whose value may be left out (`--ray` means
+    `--ray local`). `content=False`: the setting does not change what is built (left out of a
     cache's resume check). `required`: the command line must give it (its dataclass default is then a blank);
     `positional`: it is given without a flag (`kdcache verify CACHE`). `nargs="append"`: a repeatable flag (a list).
     A mutable default (list, dict) is given as its type or a callable and becomes a default_factory.
     """
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max,
             "above": above, "below": below, "flag": flag, "cli": cli, "parse": parse, "nargs": nargs,
-            "metavar": metavar, "content": content, "required": required,
+            "const": const, "metavar": metavar, "content": content, "required": required,
             "positional": positional}
     if callable(default) and not isinstance(default, (bool, int, float, str)):
         return dataclasses.field(default_factory=default, metadata=meta)
@@ -161,6 +162,8 @@ def _argparse_kwargs(f: dataclasses.Field, tp: Any) -> dict:
         kwargs["type"] = _parser(meta["parse"])
     elif meta["nargs"]:
         kwargs["nargs"] = meta["nargs"]
+        if meta["const"] is not None:
+            kwargs["const"] = meta["const"]
         inner = typing.get_args(base)
         kwargs["type"] = inner[0] if inner and inner[0] in (int, float, str) else str
     elif base in (int, float, str):

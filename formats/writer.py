@@ -164,6 +164,14 @@ class CacheWriter:
         if refresh is not None:
             refresh()  # a lock object's heartbeat: each published shard renews it too
 
+    def remove_leftovers(self) -> None:
+        """Remove what is not part of the cache: temporary files of shard writers that died (e.g. a killed replica
+        whose shard was redone elsewhere) and shard files the manifest does not name."""
+        try:
+            self._clean(wipe=False)
+        except OSError as e:
+            raise CacheError(f"{self.root}: cannot remove leftover files ({e.strerror or e})") from None
+
     def done_sequences(self, split: str) -> int:
         """Sequences of `split` already published (a resumed build skips this many)."""
         return sum(s.sequences for s in self.manifest.shards if s.split == split)

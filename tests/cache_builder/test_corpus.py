@@ -198,13 +198,6 @@ def test_sequences_carry_their_documents_split(many_docs: list[Path], tokenizer)
     assert stats.heldout_documents == sum(v == "heldout" for v in want.values())
 
 
-def test_parts_are_disjoint_and_cover_the_corpus(many_docs: list[Path], tokenizer):
-    parts = [seqs(many_docs[:1], tokenizer, num_parts=3, part=p) for p in range(3)]
-    indices = [s.doc_index for part in parts for s in part]
-    assert sorted(indices) == list(range(1500))
-    assert all(s.doc_index % 3 == p for p, part in enumerate(parts) for s in part)
-
-
 def test_corpus_fingerprint_follows_content_and_options_not_location(many_docs: list[Path], tmp_path: Path):
     a, b = many_docs
     fp = corpus_fingerprint(CorpusOptions(paths=[str(a), str(b)]))
@@ -483,6 +476,6 @@ def test_pre_tokenized_ids_outside_the_vocabulary_are_an_error(tmp_path: Path, t
 def test_bad_options_are_named(tmp_path: Path):
     (tmp_path / "a.txt").write_text("x")
     for kw, pattern in [({"txt_split": "sentences"}, "--txt-split"), ({"seq_len": 0}, "--seq-len"),
-                        ({"heldout_fraction": 1.5}, "--heldout-fraction"), ({"num_parts": 2, "part": 2}, "--part")]:
+                        ({"heldout_fraction": 1.5}, "--heldout-fraction")]:
         with pytest.raises(BuildError, match=pattern):
             docs([tmp_path / "a.txt"], **kw)
