@@ -12,6 +12,7 @@ import numpy as np
 
 from formats.errors import CacheError
 from formats.manifest import Manifest
+from formats.overlap import check_no_overlap
 from formats.reader import open_cache
 from formats.schema import FieldSpec, SeqBlock, to_float32
 from formats.writer import CacheWriter
@@ -53,6 +54,7 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
     `drop_samples` the content changes by design: the shards are rewritten by `derive_block`, the field table and
     `build.top_k` / `build.sample_draws` follow, and `build.derived_from` records the source's k and draws.
     """
+    check_no_overlap("--out", os.fspath(out), {"the source cache": [os.fspath(src)]})
     cache = open_cache(src, require_complete=True)
     m = cache.manifest
     k = m.top_k if top_k is None else top_k
@@ -88,8 +90,6 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
         created_by=m.created_by,
         extra=copy.deepcopy(m.extra),
     )
-    if os.path.abspath(os.fspath(out)) == os.path.abspath(os.fspath(src)):
-        raise CacheError(f"{out}: convert needs a new output directory, not the source cache")
     writer = CacheWriter(out, target, shard_tokens=1, overwrite=overwrite)
     try:
         seen: dict[str, int] = {}

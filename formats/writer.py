@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import CacheError
-from formats.manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, fsync_dir, parse_manifest, write_manifest
-from formats.schema import FieldSpec, SeqBlock, check_block, content_sha256
+from formats.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, ShardEntry, fsync_dir,
+                              parse_manifest, write_manifest)
+from formats.schema import FORMAT_NAME, FieldSpec, SeqBlock, check_block, content_sha256
 
 LOCK_NAME = ".lock"
 SHARD_DIR = "shards"
@@ -89,6 +91,21 @@ def _settings(m: Manifest) -> dict:
     return {k: j[k] for k in SETTINGS_KEYS}
 
 
+def made_by_kdcache(root: Path) -> bool:
+    """Whether `root` holds a kdcache manifest (of any version, complete or not): the only kind of folder kdcache
+    writes into or deletes besides an empty one."""
+    try:
+        with open(root / MANIFEST_NAME, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        return False
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):  # a damaged one still names its format as kdcache writes it
+        return f'"format": "{FORMAT_NAME}"'.encode() in data
+    return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
+
+
 class CacheWriter:
     """Owns a cache directory while it is written: lock, shard publication, manifest, card.
 
@@ -102,10 +119,13 @@ class CacheWriter:
         self.root = Path(root)
         self.shard_tokens = shard_tokens
         try:
-            # A foreign directory is refused before anything (even the lock file) is created in it.
-            if not overwrite and self.root.is_dir() and not (self.root / MANIFEST_NAME).exists() and any(
+            # A foreign directory is refused before anything (even the lock file) is created in it, with
+            # --overwrite too: kdcache deletes only what it made (a cache, or an empty folder).
+            if self.root.is_dir() and not made_by_kdcache(self.root) and any(
                     c.name != LOCK_NAME for c in self.root.iterdir()):
-                raise CacheError(f"{self.root} is not empty and holds no kdcache manifest; use --overwrite to replace it")
+                raise CacheError(f"{self.root} is not empty and is not a kdcache cache (no kdcache {MANIFEST_NAME}); "
+                                 "kdcache writes into, and --overwrite deletes, only its own caches: choose another "
+                                 "folder")
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock_file = open(self.root / LOCK_NAME, "a+")
         except OSError as e:
@@ -137,7 +157,7 @@ class CacheWriter:
             if diff:
                 raise CacheError(
                     f"{self.root} already holds a cache built with other settings ({diff}); "
-                    "use the same command to resume it, or --overwrite to replace it"
+                    "use the same command to resume it, or --overwrite to delete it and start over"
                 )
             self.manifest.shards = list(old.shards)
         self._clean(wipe=overwrite)
