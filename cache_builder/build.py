@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ from cache_builder.teacher_hf import HFTeacher
 from cache_builder.teacher_vllm import VllmTeacher
 from formats.errors import CacheError
 from formats.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from formats.overlap import check_no_overlap
 from formats.schema import make_fields
 from formats.tokenizer import tokenizer_info
 from formats.store import check_writable
@@ -74,6 +76,8 @@ def open_teacher(path: str, name: str, s: BuildSettings) -> Teacher:
 def run_build(s: BuildSettings) -> Manifest:
     """Build (or resume) the cache described by `s`; returns the finished manifest."""
     s.validate()
+    path, _ = resolve_teacher_path(s.teacher)
+    check_no_overlap("--out", s.out, {"--corpus": list(s.corpus), "--teacher": [path]}, BuildError)
     check_writable(s.out)  # an output that cannot be written is refused before the teacher loads (one line)
     session = RaySession.connect(s.ray) if s.ray else None
     try:
@@ -153,6 +157,10 @@ def _stream(s: BuildSettings, manifest: Manifest, fingerprint: CorpusFingerprint
                 order = InOrder(writer)
                 published = {split: writer.manifest.split_shards(split) for split in SPLITS}
                 own = dict.fromkeys(SPLITS, 0)
+                if writer.manifest.shards:
+                    done = writer.manifest.totals()
+                    progress.write(f"kdcache build: resuming {s.out}: {done['shards']} shards ({done['tokens']} "
+                                   "tokens) already published are checked and kept")
             k = part_index(group, s.num_parts, s.part)
             if k is None:
                 continue
@@ -310,6 +318,10 @@ class Progress:
             self.bar.total = max(self.bar.n + tokens, int(corpus / self.num_parts) - self.skipped)
         self.bar.update(tokens)
 
+    def write(self, line: str) -> None:
+        """A line on stderr that does not break the bar."""
+        tqdm.write(line, file=sys.stderr)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -323,3 +335,20 @@ def _summary(s: BuildSettings, final: Manifest, stats: CorpusStats, done_tokens:
         print(f"kdcache build: {stats.windowed_documents} document(s) longer than --seq-len {s.seq_len} were split into windows")
     if stats.skipped_records:
         print(f"kdcache build: skipped {stats.skipped_records} malformed record(s) (--skip-bad-records)")
+    for line in empty_split_warnings(s, final, stats.documents):
+        print(line, file=sys.stderr)
+
+
+def empty_split_warnings(s: BuildSettings, final: Manifest, documents: int = 0) -> list[str]:
+    """Warnings for a split left empty by --heldout-fraction: a cache without held-out data, or without training
+    data, is legal but rarely what was meant (the split is a stable hash of each document's id)."""
+    if not s.heldout_fraction or s.num_parts > 1:  # a part holds only some groups; merge sees the whole
+        return []
+    counts = {split: sum(e.sequences for e in final.split_shards(split)) for split in SPLITS}
+    out = []
+    for split, other in (("heldout", "train"), ("train", "heldout")):
+        if counts[split] == 0:
+            out.append(f"kdcache build: warning: split {split!r} is empty: --heldout-fraction {s.heldout_fraction} "
+                       f"sent {'no document' if split == 'heldout' else 'every document'} there (by a stable hash of "
+                       f"each document's id{f', of {documents} read this run' if documents else ''}); every sequence is in {other!r}")
+    return out

@@ -18,6 +18,8 @@ from cache_builder.errors import BuildError
 
 TXT_SPLITS = ("file", "lines", "paragraphs")
 MESSAGES_FIELD = "messages"
+# Roles of the OpenAI / Hugging Face chat format (ipython: Llama 3 tool output); the loss mask covers "assistant".
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 IDS_FIELD = "input_ids"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache_builder.documents import IDS_FIELD, MESSAGES_FIELD, CorpusOptions, CorpusStats, Document, content_hash
+from cache_builder.documents import CHAT_ROLES, IDS_FIELD, MESSAGES_FIELD, CorpusOptions, CorpusStats, Document, content_hash
 from cache_builder.errors import BuildError
 from cache_builder.sources import datasets_arrow_files
 
@@ -73,6 +73,8 @@ def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator
             try:
                 try:
                     text = line.decode("utf-8")
+                    if lineno == 1:
+                        text = text.removeprefix("\ufeff")  # a byte-order mark is an encoding artefact
                 except UnicodeDecodeError as e:
                     raise BuildError(f"{path}:{lineno}: not valid UTF-8 (byte offset {start + e.start}: "
                                      f"{e.reason})") from None
@@ -124,6 +126,10 @@ def _check_messages(messages, where: str) -> list[dict]:
     for j, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BuildError(f"{where}: {MESSAGES_FIELD}[{j}] needs string fields 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            # A misspelt role would be rendered by some templates and dropped or refused by others.
+            raise BuildError(f"{where}: {MESSAGES_FIELD}[{j}] has role {m['role']!r}; expected one of "
+                             f"{', '.join(CHAT_ROLES)}")
         out.append({k: v for k, v in m.items() if v is not None})  # arrow structs fill absent keys with None
     return out
 

@@ -96,32 +96,42 @@ class BuildSettings:
         VllmOptions.from_dict(self.vllm)
 
     def content_settings(self) -> dict:
-        out = content_settings(self)
+        """The settings the manifest records and a resume compares: those that change the cache's content (engine
+        options such as batch sizes or memory do not, nor --logprob-bits of a plain top-k, which has no codes)."""
+        section = content_settings(self)
         if self.topk_encoding != "compact":
-            del out["logprob_bits"]  # a plain top-k has no codes: the setting changes nothing
-        return out
+            del section["logprob_bits"]
+        content = {f.name for f in dataclasses.fields(VllmOptions) if f.metadata.get("content", True)}
+        section["vllm"] = {k: v for k, v in self.vllm.items() if k in content}
+        return section
 
 
 @dataclass(frozen=True)
 class VllmOptions:
     """`BuildSettings.vllm`: engine options, named like vLLM's `LLM(...)` arguments (None = vLLM's default). Only
-    the options given are recorded in the manifest, so an hf build records none."""
+    the options given that change the numerics (content=True) are recorded in the manifest, so an hf build records
+    none and a resume may change batch sizes, memory or parallelism."""
 
     capture: str = setting("hooks", "how records leave the engine: hooks = computed inside it; logprobs = the "
                                     "slower prompt_logprobs fallback", choices=("hooks", "logprobs"))
-    tensor_parallel_size: int = setting(1, "GPUs per teacher replica (splits every layer)", above=0)
-    pipeline_parallel_size: int = setting(1, "pipeline stages (splits the layer stack; multi-node)", above=0)
-    distributed_executor_backend: str | None = setting(None, "how vLLM runs its workers: mp or ray")
+    tensor_parallel_size: int = setting(1, "GPUs per teacher replica (splits every layer)", above=0, content=False)
+    pipeline_parallel_size: int = setting(1, "pipeline stages (splits the layer stack; multi-node)", above=0,
+                                          content=False)
+    distributed_executor_backend: str | None = setting(None, "how vLLM runs its workers: mp or ray", content=False)
     gpu_memory_utilization: float | None = setting(None, "fraction of each GPU vLLM may use (weights + KV cache)",
-                                                   above=0, max=1)
-    max_model_len: int | None = setting(None, "engine context length (default and minimum: --seq-len + 1)", above=0)
-    max_num_batched_tokens: int | None = setting(None, "tokens per engine step (longer prompts are chunked)", above=0)
-    max_num_seqs: int | None = setting(None, "requests per engine step", above=0)
+                                                   above=0, max=1, content=False)
+    max_model_len: int | None = setting(None, "engine context length (default and minimum: --seq-len + 1)", above=0,
+                                        content=False)
+    max_num_batched_tokens: int | None = setting(None, "tokens per engine step (longer prompts are chunked)", above=0,
+                                                 content=False)
+    max_num_seqs: int | None = setting(None, "requests per engine step", above=0, content=False)
     quantization: str | None = setting(None, "weight quantization, e.g. fp8, awq, gptq (changes the numerics)")
     kv_cache_dtype: str = setting("auto", "KV cache dtype, e.g. auto, fp8 (changes the numerics)")
     enforce_eager: bool | None = setting(None, "run without torch.compile / CUDA graphs (default: eager on CPU, "
-                                               "compiled on GPU; intermediate --hidden-layers force eager)")
-    kv_cache_gib: float | None = setting(None, "CPU only: KV cache size in GiB", above=0)
+                                               "compiled on GPU; intermediate --hidden-layers force eager)",
+                                        content=False)
+    kv_cache_gib: float | None = setting(None, "CPU only: KV cache size in GiB (default: a quarter of the free "
+                                               "memory, at most 4)", above=0, content=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "VllmOptions":

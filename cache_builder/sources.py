@@ -7,10 +7,12 @@ explicitly must be of a known type. A `datasets` folder (written by `save_to_dis
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from cache_builder.documents import CorpusOptions, CorpusStats, check_options
@@ -61,7 +63,7 @@ def _add_source(p: Path, named: bool, found: dict[Path, str], stats: CorpusStats
 def _add_file(p: Path, named: bool, found: dict[Path, str], stats: CorpusStats) -> int:
     kind = SUFFIXES.get(p.suffix.lower())
     if kind is not None:
-        found[p.resolve()] = kind
+        found[_regular_file(p)] = kind
         return 1
     if named:
         # A file named on purpose must be read; in a directory or glob, READMEs and the like are skipped.
@@ -69,6 +71,23 @@ def _add_file(p: Path, named: bool, found: dict[Path, str], stats: CorpusStats) 
                          f"{', '.join(SUFFIXES)} or a datasets folder")
     stats.ignored_files.append(str(p))
     return 0
+
+
+def _regular_file(p: Path) -> Path:
+    """`p` with symlinks resolved, if it is a regular file: reading a FIFO or a device would wait forever, and a
+    symlink loop or a dangling link has nothing to read."""
+    try:
+        real = p.resolve(strict=True)
+    except RuntimeError:  # Python 3.11 raises this for a symlink loop
+        raise BuildError(f"{p}: a symlink loop; remove it or point --corpus elsewhere") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BuildError(f"{p}: a symlink loop; remove it or point --corpus elsewhere") from None
+        raise BuildError(f"{p}: cannot be read ({'a dangling symlink' if p.is_symlink() else e.strerror})") from None
+    if not real.is_file():
+        what = "a FIFO" if stat.S_ISFIFO(real.stat().st_mode) else "not a regular file"
+        raise BuildError(f"{p}: {what}; kdcache reads only regular files (reading it could wait forever)")
+    return real
 
 
 def is_datasets_folder(p: Path) -> bool:

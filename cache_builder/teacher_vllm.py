@@ -179,11 +179,25 @@ def engine_args(path: str, settings: BuildSettings, opts: VllmOptions, *, eager:
                 "max_num_seqs", "quantization"):
         if getattr(opts, key) is not None:
             kwargs[key] = getattr(opts, key)
-    if device == "cpu" and opts.kv_cache_gib is not None:
-        kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gib * (1 << 30))
+    if device == "cpu" and (opts.kv_cache_gib is not None or not os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+        # Without a KV cache size, vLLM's CPU worker reserves --vllm-gpu-memory-utilization (0.92) of all RAM and
+        # fails in its engine process when that much is not free.
+        gib = opts.kv_cache_gib if opts.kv_cache_gib is not None else default_cpu_kv_cache_gib()
+        kwargs["kv_cache_memory_bytes"] = int(gib * (1 << 30))
     if max_logprobs is not None:
         kwargs.update(max_logprobs=max_logprobs, logprobs_mode="raw_logprobs")
     return kwargs
+
+
+def default_cpu_kv_cache_gib() -> float:
+    """A quarter of the memory free now, at most 4 GiB: a build's prompts are short-lived (one generated token),
+    so the KV cache needs to hold about one engine step of tokens, not long conversations."""
+    try:
+        with open("/proc/meminfo") as f:
+            free_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 1.0
+    return round(max(0.25, min(4.0, free_kib / (1 << 20) / 4)), 2)
 
 
 def start_engine(path: str, settings: BuildSettings, opts: VllmOptions, *, eager: bool,
@@ -193,12 +207,20 @@ def start_engine(path: str, settings: BuildSettings, opts: VllmOptions, *, eager
     # The capture reads the V1 runner's batch layout; V2 (the GPU default where Triton exists) lays
     # the batch out differently.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    # vLLM logs ~100 INFO lines while it starts; a failure's cause (ERROR) stays visible. Set it to INFO to see all.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM  # vLLM is an optional extra, and slow to import
 
     try:
         llm = LLM(**engine_args(path, settings, opts, eager=eager, max_logprobs=max_logprobs))
     except (ValueError, RuntimeError) as e:
-        raise BuildError(f"vLLM cannot start teacher {path!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+        reason = str(e).splitlines()[0] if str(e) else repr(e)
+        if "Failed core proc" in reason or "initialization failed" in reason:
+            # The engine process died; its own error is in the log above. On CPU the usual cause is memory.
+            reason += ("; on CPU this is usually memory: lower --vllm-kv-cache-gib (or VLLM_CPU_KVCACHE_SPACE) or "
+                       "free memory" if engine_device(settings) == "cpu" else
+                       "; the engine's own error is in the log above (often --vllm-gpu-memory-utilization)")
+        raise BuildError(f"vLLM cannot start teacher {path!r}: {reason}") from e
     return llm
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from formats.errors import CacheError
 from formats.manifest import Manifest
+from formats.overlap import check_no_overlap
 from formats.reader import open_cache
 from formats.schema import TOPK_ENCODINGS, FieldSpec, SeqBlock, to_float32, topk_encoding_of, with_topk_encoding
 from formats.topk_codec import DEFAULT_LOGPROB_BITS, CompactTopk
@@ -107,6 +108,7 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
     `build.decoded_from` the codes the values come from when the source was compact (re-quantizing with other
     `logprob_bits` starts from `plain_from_compact` too, so the new codes' bound holds against what they encode).
     """
+    check_no_overlap("--out", os.fspath(out), {"the source cache": [os.fspath(src)]})
     cache = open_cache(src, require_complete=True)
     m = cache.manifest
     k = m.top_k if top_k is None else top_k
@@ -157,8 +159,6 @@ def convert_cache(src: str | os.PathLike, backend: str, out: str | os.PathLike, 
         created_by=m.created_by,
         extra=copy.deepcopy(m.extra),
     )
-    if os.path.abspath(os.fspath(out)) == os.path.abspath(os.fspath(src)):
-        raise CacheError(f"{out}: convert needs a new output directory, not the source cache")
     writer = CacheWriter(out, target, shard_tokens=1, overwrite=overwrite)
     try:
         seen: dict[str, int] = {}

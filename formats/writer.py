@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -22,8 +23,9 @@ from formats.card import render_card
 from formats.errors import CacheError
 from formats.extra_files import SHARD_DIR
 from formats.lock import LOCK_NAME, acquire
-from formats.manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, manifest_bytes, parse_manifest
-from formats.schema import FieldSpec, SeqBlock, check_block, content_sha256
+from formats.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, ShardEntry, manifest_bytes,
+                              parse_manifest)
+from formats.schema import FORMAT_NAME, FieldSpec, SeqBlock, check_block, content_sha256
 from formats.store import Store, describe_error, open_store
 
 EXT = {"parquet": ".parquet", "zarr": ".zarr"}
@@ -88,6 +90,22 @@ def _settings(m: Manifest) -> dict:
     return {k: j[k] for k in SETTINGS_KEYS}
 
 
+def made_by_kdcache(store: Store) -> bool:
+    """Whether `store` holds a kdcache manifest (of any version, complete or not): the only kind of folder kdcache
+    writes into or deletes besides an empty one."""
+    try:
+        if not store.exists(MANIFEST_NAME):
+            return False
+        data = store.read_bytes(MANIFEST_NAME)[:MAX_MANIFEST_BYTES + 1]
+    except Exception:  # unreadable (an OSError, or an object store client's error): not known to be kdcache's
+        return False
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):  # a damaged one still names its format as kdcache writes it
+        return f'"format": "{FORMAT_NAME}"'.encode() in data
+    return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
+
+
 class CacheWriter:
     """Owns a cache while it is written: lock, shard publication, manifest, card. `root` is a local folder, an
     fsspec URL (s3://, gs://, az://, ...) or a Store.
@@ -103,10 +121,12 @@ class CacheWriter:
         self.root = Path(self.store.root) if self.store.local else self.store.url
         self.shard_tokens = shard_tokens
         try:
-            # A foreign folder or prefix is refused before anything (even the lock) is created in it.
-            if not overwrite and not self.store.exists(MANIFEST_NAME) and any(
-                    f != LOCK_NAME for f in _top_level(self.store)):
-                raise CacheError(f"{self.root} is not empty and holds no kdcache manifest; use --overwrite to replace it")
+            # A foreign folder or prefix is refused before anything (even the lock) is created in it, with
+            # --overwrite too: kdcache deletes only what it made (a cache, or an empty folder).
+            if not made_by_kdcache(self.store) and any(f != LOCK_NAME for f in _top_level(self.store)):
+                raise CacheError(f"{self.root} is not empty and is not a kdcache cache (no kdcache {MANIFEST_NAME}); "
+                                 "kdcache writes into, and --overwrite deletes, only its own caches: choose another "
+                                 "folder")
             if self.store.local:
                 os.makedirs(self.store.root, exist_ok=True)
         except OSError as e:
@@ -134,7 +154,7 @@ class CacheWriter:
             if diff:
                 raise CacheError(
                     f"{self.root} already holds a cache built with other settings ({diff}); "
-                    "use the same command to resume it, or --overwrite to replace it"
+                    "use the same command to resume it, or --overwrite to delete it and start over"
                 )
             self.manifest.shards = list(old.shards)
         self._clean(wipe=overwrite)

@@ -90,7 +90,8 @@ def test_convert_of_a_source_with_a_missing_shard_is_an_error_line_and_exit_2(sm
 def test_convert_onto_its_own_source_is_an_error_line_and_exit_2(small_cache, capsys):
     assert main(["convert", str(small_cache.root), "--to", "parquet", "--out", str(small_cache.root)]) == 2
     err = capsys.readouterr().err
-    assert err == f"kdcache convert: error: {small_cache.root}: convert needs a new output directory, not the source cache\n"
+    assert err == (f"kdcache convert: error: --out {small_cache.root} is the source cache {small_cache.root}: a command "
+                   "never writes over what it reads; choose another --out\n")
 
 
 def test_convert_into_a_foreign_directory_is_an_error_line_and_exit_2(small_cache, tmp_path, capsys):
@@ -98,7 +99,7 @@ def test_convert_into_a_foreign_directory_is_an_error_line_and_exit_2(small_cach
     (tmp_path / "out" / "thesis.tex").write_text("")
     assert main(["convert", str(small_cache.root), "--to", "zarr", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kdcache convert: error: ") and "is not empty and holds no kdcache manifest" in err
+    assert err.startswith("kdcache convert: error: ") and "is not empty and is not a kdcache cache" in err
     assert err.count("\n") == 1
 
 

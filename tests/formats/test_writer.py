@@ -181,7 +181,7 @@ def test_a_second_writer_on_the_same_directory_is_refused_while_the_first_is_ope
 def test_a_non_empty_directory_without_a_manifest_is_refused_and_left_as_it_was(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
-    with pytest.raises(CacheError, match="is not empty and holds no kdcache manifest"):
+    with pytest.raises(CacheError, match="is not empty and is not a kdcache cache"):
         _writer(tmp_path / "c", "parquet")
     assert _listing(tmp_path / "c") == ["notes.txt"]
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
