@@ -99,6 +99,22 @@ def _untouched_run(out: Path) -> str:
     return "" if names == [".lock", "kdcache_run.json"] else f"the held run folder was written to: {names}"
 
 
+def _cache_intact(out: Path) -> str:
+    """The source cache (reached through the symlink at --out) still verifies."""
+    from formats.verify import verify_cache
+
+    problems = verify_cache(str(out))
+    return f"the source cache was damaged: {problems[:3]}" if problems else ""
+
+
+def _listing_is(*names: str) -> Callable[[Path], str]:
+    """The user's folder holds exactly `names`, as prepare left it."""
+    def check(out: Path) -> str:
+        got = sorted(p.name for p in out.iterdir())
+        return "" if got == sorted(names) else f"the folder changed: {got}"
+    return check
+
+
 CASES = [
     Case("empty corpus", [*BUILD, "--corpus", "{files}/empty.txt"], "empty.txt']: no documents found"),
     Case("malformed JSON line", [*BUILD, "--corpus", "{files}/bad.jsonl"], "bad.jsonl:2: malformed JSON (Unterminated string"),
@@ -203,6 +219,24 @@ CASES = [
     Case("convert --top-k -1", [*CONVERT, "--top-k", "-1"], "--top-k must be non-negative, got -1"),
     Case("convert a folder that is not a cache", [*CONVERT[:1], "{files}", *CONVERT[2:]],
          "no manifest.json; not a kdcache cache"),
+    Case("#1 convert --overwrite onto a symlink to its source", [*CONVERT, "--out", "{cache_link}", "--overwrite"],
+         "(through a symlink): a command never writes over what it reads", check=_cache_intact),
+    Case("#2 build --overwrite with --out the corpus folder",
+         [*BUILD, "--corpus", "{corpus_dir}", "--out", "{corpus_dir}", "--overwrite"],
+         "never writes over what it reads", check=_listing_is("a.txt", "b.txt")),
+    Case("#2 build --overwrite on a folder that is not a cache",
+         [*BUILD, "--corpus", "{files}/long.txt", "--out", "{users_folder}", "--overwrite"],
+         "is not empty and is not a kdcache cache", check=_listing_is("notes.txt")),
+    Case("#3 build --out inside its corpus folder", [*BUILD, "--corpus", "{corpus_dir}", "--out", "{corpus_dir}/cache"],
+         "cache lies inside --corpus"),
+    Case("#7 a FIFO in the corpus folder", [*BUILD, "--corpus", "{fifo_dir}"], "pipe.txt: a FIFO"),
+    Case("#7 a symlink loop in the corpus folder", [*BUILD, "--corpus", "{loop_dir}"], "loop.txt: a symlink loop"),
+    Case("#16 a jsonl file starting with a byte-order mark", [*BUILD, "--corpus", "{files}/bom.jsonl"],
+         "kdcache build:", succeed=True),
+    Case("#16 an unknown chat role", [*BUILD, "--corpus", "{files}/wizard.jsonl"],
+         "wizard.jsonl:1: messages[1] has role 'wizard'"),
+    Case("train --out inside its cache", [*TRAIN, "--student", "{teacher}", "--out", "{cache}/run"],
+         "lies inside --cache"),
 ]
 
 
@@ -229,6 +263,24 @@ def prepare(root: Path) -> dict[str, str]:
     (files / "alpha.yaml").write_text("alpha: {kind: linear, start: 0.0, end: 1.5, steps: 10}\n")
     (files / "one_token.jsonl").write_text('{"input_ids": [42]}\n')
     (files / "user_only.jsonl").write_text('{"messages": [{"role": "user", "content": "Is anyone there?"}]}\n')
+    (files / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "a file saved by a Windows editor"}\n')
+    (files / "wizard.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Make it rain."},
+                                                                 {"role": "wizard", "content": "Abracadabra."}]}) + "\n")
+    corpus_dir = root / "corpus-dir"  # a user's corpus folder (issue #19, cases 2 and 3)
+    corpus_dir.mkdir()
+    (corpus_dir / "a.txt").write_text("The first document of a small corpus.")
+    (corpus_dir / "b.txt").write_text("The second document of a small corpus.")
+    users_folder = root / "users-folder"
+    users_folder.mkdir()
+    (users_folder / "notes.txt").write_text("months of work")
+    fifo_dir = root / "fifo-dir"  # case 7: reading a FIFO would wait for a writer forever
+    fifo_dir.mkdir()
+    (fifo_dir / "a.txt").write_text("A good document.")
+    os.mkfifo(fifo_dir / "pipe.txt")
+    loop_dir = root / "loop-dir"
+    loop_dir.mkdir()
+    (loop_dir / "a.txt").write_text("A good document.")
+    (loop_dir / "loop.txt").symlink_to(loop_dir / "loop.txt")
 
     no_weights = root / "no-weights"
     no_weights.mkdir()
@@ -246,6 +298,8 @@ def prepare(root: Path) -> dict[str, str]:
         small_caches[name] = str(root / f"{name}-cache")
         run_build(BuildSettings(teacher=str(teacher), corpus=[str(files / f"{name}.jsonl")], out=small_caches[name],
                                 top_k=4, seq_len=64, shard_tokens=512, progress=False))
+    cache_link = root / "cache-link"  # case 1: `ln -s cache cache-link`
+    cache_link.symlink_to(cache)
     future = Path(shutil.copytree(cache, root / "future-cache"))
     manifest = json.loads((future / "manifest.json").read_text())
     manifest["format_version"] = "2.0.0"
@@ -265,7 +319,8 @@ def prepare(root: Path) -> dict[str, str]:
     tok.save_pretrained(other)
     return {"teacher": str(teacher), "files": str(files), "no_weights": str(no_weights), "cache": str(cache),
             "future_cache": str(future), "small_vocab": str(small), "other_tokenizer": str(other), "held_run": str(held_run),
-            **small_caches}
+            "cache_link": str(cache_link), "corpus_dir": str(corpus_dir), "users_folder": str(users_folder),
+            "fifo_dir": str(fifo_dir), "loop_dir": str(loop_dir), **small_caches}
 
 
 @dataclass
