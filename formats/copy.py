@@ -13,12 +13,14 @@ from pathlib import Path
 
 from formats.errors import CacheError
 from formats.manifest import Manifest
+from formats.overlap import check_no_overlap
 from formats.reader import open_cache
 from formats.store import open_store
 from formats.writer import CacheWriter, place_shard, shard_files
 
 
 def copy_cache(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Manifest:
+    check_no_overlap("DST", os.fspath(dst), {"SRC": [os.fspath(src)]})
     cache = open_cache(src, require_complete=True)
     m = cache.manifest
     source, target_store = open_store(src), open_store(dst, writing=True)
@@ -33,7 +35,7 @@ def copy_cache(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool =
         done = writer.manifest.shards
         if [s.to_json() for s in done] != [s.to_json() for s in m.shards[: len(done)]]:
             raise CacheError(f"{dst} holds a copy of another cache (its shards differ from {src}'s); "
-                             "use --overwrite to replace it")
+                             "use --overwrite to delete it and copy anew")
         for entry in m.shards[len(done):]:
             where = f"{src}: shard {entry.path!r}"
             if cache.local:  # a remote source's shards are checked as the shard cache downloads them
