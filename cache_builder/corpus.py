@@ -10,6 +10,8 @@ and counted; counts are in the `CorpusStats` a caller may pass in.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterator
 
 from cache_builder.chat import encode_chat
@@ -60,10 +62,8 @@ def first_records_hold_chat(opts: CorpusOptions) -> bool:
     for kind, path in resolve_sources(opts.paths):
         if kind == "txt":
             continue
-        try:
-            first = next(read_source(kind, path, opts, CorpusStats()), None)
-        except BuildError:  # a bad first record: the stream reports it where it belongs
-            continue
+        # The first good record decides; bad ones are skipped here and reported by the stream where they belong.
+        first = next(read_source(kind, path, dataclasses.replace(opts, skip_bad_records=True), CorpusStats()), None)
         if first is not None and first.messages is not None:
             return True
     return False

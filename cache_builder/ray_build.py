@@ -26,7 +26,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -51,7 +50,7 @@ class TeacherReplica:
 
     def __init__(self, make_teacher: Callable[[], Teacher], spec: RecordSpec, root: str, backend: str, threads: int):
         torch.set_num_threads(threads)
-        self.spec, self.root, self.backend = spec, Path(root), backend
+        self.spec, self.root, self.backend = spec, root, backend
         self.teacher = make_teacher()
         self.teacher.start()
         self.lock = threading.Lock()

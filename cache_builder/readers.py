@@ -101,11 +101,11 @@ def _document(record, source: str, index: int, where: str, opts: CorpusOptions) 
             raise BuildError(f"{where}: field {opts.text_field!r} is {type(text).__name__}, expected a string")
         return Document(source, index, text, None, None, _hash_or_error(where, text=text))
     if record.get(MESSAGES_FIELD) is not None:
+        messages = _check_messages(record[MESSAGES_FIELD], where)
         if not opts.chat:
             raise BuildError(f"{where}: a chat record ({MESSAGES_FIELD!r}), but no source starts with one; the cache's "
                              "fields (a loss mask or not) are fixed from each source's first record before the corpus "
                              "streams: start this file with a chat record, or put chat records in a file of their own")
-        messages = _check_messages(record[MESSAGES_FIELD], where)
         return Document(source, index, None, messages, None, _hash_or_error(where, messages=messages))
     if record.get(IDS_FIELD) is not None:
         ids = record[IDS_FIELD]

@@ -13,7 +13,6 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from cache_builder.groups import ShardGroup
@@ -50,7 +49,7 @@ class LocalReplica:
 
     def __init__(self, teacher: Teacher, spec: RecordSpec, root: str, backend: str,
                  progress: Callable[[int], None]):
-        self.teacher, self.spec, self.root, self.backend, self.progress = teacher, spec, Path(root), backend, progress
+        self.teacher, self.spec, self.root, self.backend, self.progress = teacher, spec, root, backend, progress
         teacher.start()
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.finished: list[Finished] = []

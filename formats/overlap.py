@@ -43,7 +43,9 @@ def check_no_overlap(out_flag: str, out: str, inputs: dict[str, list[str]], erro
         for raw in paths:
             i = _real(str(raw))
             if o == i:
-                raise error(f"{out_flag} {out} is {flag} {raw}{' (through a symlink)' if str(out) != str(raw) else ''}: "
+                link = "://" not in o and os.path.abspath(os.path.expanduser(str(out))) != \
+                    os.path.abspath(os.path.expanduser(str(raw)))
+                raise error(f"{out_flag} {out} is {flag} {raw}{' (through a symlink)' if link else ''}: "
                             f"a command never writes over what it reads; choose another {out_flag}")
             if _inside(o, i):
                 raise error(f"{out_flag} {out} lies inside {flag} {raw}: the output would be read as input; choose an "

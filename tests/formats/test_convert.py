@@ -100,7 +100,7 @@ def test_an_interrupted_conversion_resumes_and_ends_with_the_same_cache(small_ca
 
 
 def test_convert_refuses_to_write_over_its_source(small_cache):
-    with pytest.raises(CacheError, match="convert needs a new output directory"):
+    with pytest.raises(CacheError, match="never writes over what it reads"):
         convert_cache(small_cache.root, "parquet", small_cache.root)
     assert verify_cache(str(small_cache.root)) == []
 

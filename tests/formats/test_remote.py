@@ -116,7 +116,7 @@ def test_convert_reads_s3_and_writes_s3_with_the_same_content_checksums(s3, smal
     m = convert_cache(src, other, out)
     assert [s.content_sha256 for s in m.shards] == [s.content_sha256 for s in small_cache.manifest.shards]
     assert open_cache(out).manifest.backend == other and verify_cache(out) == []
-    with pytest.raises(CacheError, match="new output"):
+    with pytest.raises(CacheError, match="never writes over what it reads"):
         convert_cache(src, other, src + "/")
 
 
@@ -183,7 +183,7 @@ def test_copy_round_trips_local_s3_local_with_identical_checksums_and_resumes(s3
     s3.fs.pipe_file(f"{partial[5:]}/manifest.json", json.dumps(m).encode())
     assert [s.to_json() for s in copy_cache(small_cache.root, partial).shards] == want
     assert verify_cache(partial) == []
-    with pytest.raises(CacheError, match="another place"):
+    with pytest.raises(CacheError, match="never writes over what it reads"):
         copy_cache(url, url)
 
 
@@ -201,7 +201,8 @@ def test_merge_writes_the_merged_manifest_into_the_object_store(s3, small_cache)
             w.finish()
         parts.append(part)
     merged = merge_parts(f"{s3.url}/merged", parts)
-    assert [s.path for s in merged.shards][:2] == [f"part-0/{s.path}" for s in small_cache.manifest.shards][:2]
+    first = small_cache.manifest.shards[0].path  # the parts' shards round-robin: a one-part build's order
+    assert [s.path for s in merged.shards][:2] == [f"part-0/{first}", f"part-1/{first}"]
     assert verify_cache(f"{s3.url}/merged") == []
     assert open_cache(f"{s3.url}/merged").num_sequences() == 2 * len(small_cache.items)
 

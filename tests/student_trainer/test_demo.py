@@ -36,7 +36,7 @@ def test_quick_demo_builds_trains_evaluates_and_reports(tmp_path):
         rows = [json.loads(x) for x in (tmp_path / "demo" / name / "metrics.jsonl").read_text().splitlines()]
         evaluated = [(r["step"], r["eval_ce"]) for r in rows if "eval_ce" in r]
         assert [step for step, _ in evaluated] == [4, 8, 12, 16]
-        assert evaluated[-1][1] == pytest.approx(summary["heldout_ce"][name], abs=1e-9)
+        assert evaluated[-1][1] == pytest.approx(summary["heldout_ce"][name], rel=1e-6)  # batch order of float sums
     assert "One seed: the gap between the two students includes the run-to-run variation" in report
     assert "![held-out CE](heldout_ce.png)" in report
     from formats.verify import verify_cache
