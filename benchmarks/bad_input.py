@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks` is not an installed package
 
 from bad_input_cases import BUILD, CASES, CONVERT, EVAL, TRAIN, Outcome, prepare, run_cases  # noqa: E402
 
-from benchmarks.builder_vllm import machine  # noqa: E402
+from benchmarks.results import processor  # noqa: E402
 from benchmarks.results import update_results  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main() -> int:
             f"the run's temporary folder are shown as `$TMP`; {{files}}, {{cache}}, ... are files it made there. "
             f"Rows numbered #N are the cases of issue #19 (its cases 10 and 12, signals sent to a running trainer, "
             f"are tested in tests/student_trainer/test_run_faults.py). "
-            f"{clear} of {len(outcomes)} cases behaved as specified. Machine: {machine()}.")
+            f"{clear} of {len(outcomes)} cases behaved as specified. Machine: {processor()}.")
     update_results("Bad input", note + "\n\n" + body)
     print(body)
     print(json.dumps({"cases": len(outcomes), "clear_errors": clear}))
