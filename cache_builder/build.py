@@ -344,11 +344,8 @@ def empty_split_warnings(s: BuildSettings, final: Manifest, documents: int = 0) 
     data, is legal but rarely what was meant (the split is a stable hash of each document's id)."""
     if not s.heldout_fraction or s.num_parts > 1:  # a part holds only some groups; merge sees the whole
         return []
-    counts = {split: sum(e.sequences for e in final.split_shards(split)) for split in SPLITS}
-    out = []
-    for split, other in (("heldout", "train"), ("train", "heldout")):
-        if counts[split] == 0:
-            out.append(f"kdcache build: warning: split {split!r} is empty: --heldout-fraction {s.heldout_fraction} "
-                       f"sent {'no document' if split == 'heldout' else 'every document'} there (by a stable hash of "
-                       f"each document's id{f', of {documents} read this run' if documents else ''}); every sequence is in {other!r}")
-    return out
+    read = f", of {documents} read this run" if documents else ""
+    return [f"kdcache build: warning: split {split!r} is empty: --heldout-fraction {s.heldout_fraction} sent "
+            f"{'no document' if split == 'heldout' else 'every document'} there (by a stable hash of each document's "
+            f"id{read}); every sequence is in {other!r}"
+            for split, other in (("heldout", "train"), ("train", "heldout")) if not final.split_shards(split)]

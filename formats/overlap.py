@@ -25,22 +25,20 @@ def _real(path: str) -> str:
     if any(c in path for c in GLOB_CHARS):
         parts = Path(path).parts
         path = str(Path(*parts[:next(i for i, p in enumerate(parts) if any(c in p for c in GLOB_CHARS))]) or ".")
-    try:
-        return os.path.realpath(os.path.expanduser(path))
-    except (OSError, RuntimeError, ValueError):  # a symlink loop: the input's own check names it
-        return os.path.abspath(os.path.expanduser(path))
+    return os.path.realpath(os.path.expanduser(path))  # a symlink loop is left as it is; the input's own check names it
 
 
 def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
-def check_no_overlap(out_flag: str, out: str, inputs: dict[str, list[str]], error: type[Exception] = CacheError) -> None:
+def check_no_overlap(out_flag: str, out: str, inputs: dict[str, list[str]],
+                     error: type[Exception] = CacheError) -> None:
     """Raise `error` (one line naming both flags) if output `out` (given as `out_flag`) and any input overlap.
-    `inputs` maps a flag (e.g. '--corpus') to the paths given for it."""
+    `inputs` maps a flag (e.g. '--corpus') to the paths given for it; an empty path (a flag not given) is skipped."""
     o = _real(str(out))
     for flag, paths in inputs.items():
-        for raw in paths:
+        for raw in filter(None, paths):
             i = _real(str(raw))
             if o == i:
                 link = "://" not in o and os.path.abspath(os.path.expanduser(str(out))) != \

@@ -99,10 +99,9 @@ def train(s: TrainSettings) -> dict:
     # ---- setup: distributed, device, output folder (checked only: it is claimed once the inputs are), cache
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(s.out)
-    inputs = {"--cache": [s.cache], "--student": [s.student], "--init-from-teacher": [s.init_from_teacher],
-              "--teacher-tokenizer": [s.teacher_tokenizer]}
-    check_no_overlap("--out", s.out, {flag: paths for flag, paths in inputs.items() if paths[0] not in ("", "cache")},
-                     TrainError)
+    teacher = "" if s.init_from_teacher == "cache" else s.init_from_teacher  # 'cache': found later, by fingerprint
+    check_no_overlap("--out", s.out, {"--cache": [s.cache], "--student": [s.student], "--init-from-teacher": [teacher],
+                                      "--teacher-tokenizer": [s.teacher_tokenizer]}, TrainError)
     check_run_folder(out, s.resume, probe_lock=rank == 0)
     device = resolve_device(s.device)
     own_group = False
