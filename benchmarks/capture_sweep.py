@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/capture_sweep.py [--teacher default] [--dtype auto] [--top-k 64] [--rounds 5]
 
 - capture chunk: `capture_rows` over the real logits of one 2048-token forward (stdlib source), with
-  `capture.CPU_CHUNK_BYTES` set to 1, 4, 8, 32 and 128 MiB per thread (see cache_builder/capture.py for the value
+  `capture.CPU_CHUNK_BYTES` set to 2, 4, 8, 12, 16, 32 and 128 MiB per thread (see cache_builder/capture.py for the value
   it uses); the figure is this process's CPU milliseconds per 2048 rows, the median of `--rounds` interleaved rounds
   (CPU time moves less than wall time when other jobs share the cores).
 - forward size: the teacher's forward over 8192 tokens as four forwards of 4 x 512 tokens (2048 each,
@@ -36,7 +36,7 @@ from cache_builder.teacher_hf import load_hf_teacher  # noqa: E402
 from results import processor, update_subsection  # noqa: E402
 
 SECTION = "Transformers builder"
-CHUNK_MIB = (1, 4, 8, 32, 128)  # 128 MiB: chunks of CaptureSettings.row_chunk (1024) rows, as on a GPU
+CHUNK_MIB = (2, 4, 8, 12, 16, 32, 128)  # 128 MiB: chunks of CaptureSettings.row_chunk (1024) rows, as on a GPU
 
 
 def cpu_and_wall(fn) -> tuple[float, float]:

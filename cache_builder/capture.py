@@ -3,15 +3,18 @@
 Shared by both backends (transformers and vLLM) so they write the same content. Notation: N = positions
 (rows), V = real vocabulary, k = top-k, D = RS-KD draws, S = sample slots.
 
-The reduction is one pass of exp over each row, on the raw logits where that is exact: the top-k of the logits
-is the top-k of the log-probs (log_softmax(x) = x - m - log s is a shift) and gives the row's maximum m too;
-e = exp(x - m) gives s = tail + top k and so log s once; the tail is the sum of e outside the top k, summed
-directly (never 1 - sum(top k), which cancels when the top k hold nearly all the mass; rows whose tail falls
-below float32's range relative to m get a logsumexp of their own); the target is x[next] - m - log s; the RS-KD
-draws come from e itself, in float64 (see `draw_samples`). All of it accumulates in float32. Rows are reduced a
-few hundred at a time on CPU into one reused float32 buffer (`reduction_rows`), and the top-k there is a search by
-levels (`top_k`). The vLLM route computes the logits `CaptureSettings.row_chunk` rows at a time and the
-transformers route one sequence at a time; either way this runs where the logits are. benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
+The reduction reads each row's logits a few times and takes one exp of each, on the raw logits where that is
+exact: the top-k of the logits is the top-k of the log-probs (log_softmax(x) = x - m - log s is a shift) and gives
+the row's maximum m too; torch's softmax kernel then turns the row into p = exp(x - m) / s in place, taking max, exp
+and sum while the row is in cache (the separate exp of every element cost more than the rest of the reduction), so
+p at the top id is 1 / s and gives log s. The tail is the sum of p outside the top k, summed directly (never
+1 - sum(top k), which cancels when the top k hold nearly all the mass; rows whose tail falls below float32's range
+relative to m get a logsumexp of their own), and s is renormalised to tail + top k, two positive parts; the target
+is x[next] - m - log s; the RS-KD draws come from p itself, in float64 (see `draw_samples`). All of it accumulates
+in float32. Rows are reduced a hundred or so at a time on CPU in one reused float32 buffer (`reduction_rows`), and
+the top-k there is a search by levels (`top_k`). The vLLM route computes the logits `CaptureSettings.row_chunk`
+rows at a time and the transformers route one sequence at a time; either way this runs where the logits are.
+benchmarks/RESULTS.md ("Transformers builder", "vLLM builder") has the figures.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ import torch
 from cache_builder.dtypes import torch_dtype
 
 # Float32 bytes of the rows one CPU thread reduces at a time (at most row_chunk rows): the buffer is reused across
-# chunks, and each torch call gets enough rows to be worth its overhead and its threads' start. Of 1 to 128 MiB,
-# 32 MiB ran fastest on a 2-core machine shared with other jobs, where many short calls lose most to threads waiting
-# on each other (benchmarks/RESULTS.md, "Transformers builder", capture_sweep.py).
-CPU_CHUNK_BYTES = 32 << 20
-# Relative to the largest probability (e = 1), a tail below this may have lost terms below float32's smallest
-# normal (e^-87 each, at most V of them): such rows get their tail from a logsumexp with its own maximum instead.
-TINY_TAIL = 1e-24
+# chunks, so no call allocates (and page-faults) a fresh (n, V) block, and each torch call gets enough rows to be
+# worth its overhead and its threads' start. Of 2 to 128 MiB, 8 and 12 MiB (85 and 128 rows of V = 49152 on 2
+# threads) ran fastest, within 5% of each other, and 32 MiB or more about 1.5x slower (benchmarks/RESULTS.md,
+# "Transformers builder", capture_sweep.py).
+CPU_CHUNK_BYTES = 12 << 20
+# The reduction works on p = exp(x - m) / s, where s <= V: a probability below float32's smallest normal (~1.2e-38)
+# loses precision and below ~1.4e-45 vanishes, so relative to the top one (exp(0) = 1) terms below 1.2e-38 * V may be
+# lost, at most V of them: 1.2e-38 * V^2, under 1.2e-26 for V up to 10^6. A tail below this (relative to the top
+# one) could be off by more than 1e-8 of itself: such rows get their tail from a logsumexp with its own maximum.
+TINY_TAIL = 1e-18
 
 
 @dataclass(frozen=True)
@@ -157,18 +163,21 @@ def capture_rows(
             m[start:end] = top[start:end, 0]
         else:
             m[start:end] = e.amax(dim=1)
-        e.sub_(m[start:end, None])  # x - m <= 0
-        target[start:end] = e.gather(1, nxt[start:end])[:, 0]
-        e.exp_()  # e = exp(x - m), in (0, 1]
+        target[start:end] = e.gather(1, nxt[start:end])[:, 0] - m[start:end]
+        # p = exp(x - m) / s in one fused kernel per row (max, exp and sum while the row is in cache), in place
+        softmax_(e)
+        p_max = e.gather(1, ids[start:end, :1])[:, 0] if k else e.amax(dim=1)  # exp(0) / s = 1 / s
         if cs.sample_draws:
             samples.append(draw_samples(e, cs.sample_draws, cs.slots, generator))
         if k:
             inside = e.gather(1, ids[start:end]).sum(dim=1)  # (n,)
             e.scatter_(1, ids[start:end], 0.0)
-            tail[start:end] = e.sum(dim=1)  # the mass outside the top k, summed directly (relative to e^m)
-            log_s[start:end] = (tail[start:end] + inside).log()  # s = tail + top k: two positive parts, no cancellation
+            tail_p = e.sum(dim=1)  # the mass outside the top k, summed directly
+            # In units of exp(x - m): s = tail + top k, two positive parts, no cancellation.
+            tail[start:end] = tail_p / p_max
+            log_s[start:end] = (tail_p + inside).log() - p_max.log()
         else:
-            log_s[start:end] = e.sum(dim=1).log()
+            log_s[start:end] = e.sum(dim=1).log() - p_max.log()
     out = {}
     if k:
         tail_logmass = tail.log() - log_s
@@ -184,6 +193,15 @@ def capture_rows(
     if samples:
         out["sample_ids"], out["sample_counts"] = (torch.cat(parts) for parts in zip(*samples))
     return out
+
+
+def softmax_(e: torch.Tensor) -> None:
+    """Rows of e become their softmax, in place. The CPU kernel maps each element to the same index of its output,
+    after the row's max and sum are taken, so it may write over its input (no second (n, V) buffer)."""
+    if e.device.type == "cpu":
+        torch.ops.aten._softmax.out(e, 1, False, out=e)
+    else:
+        e.copy_(torch.softmax(e, dim=1))
 
 
 def _exact_tail(x: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -23,10 +23,10 @@ from cache_builder.teacher import Job, resolve_device
 from cache_builder.teacher_folder import check_teacher_folder, describe_folder
 
 # On CPU a batch runs as forwards of at most this many padded tokens, so the build's progress bar moves every
-# forward (with whole 8192-token batches it sat at 0% for over a minute). Its cost is not settled: the measurement
-# behind commit 1c8bfd7 found 2048-token forwards of the 135M teacher faster per token than 8192-token ones, while
-# on the same 2-core machine shared with other jobs they ran about half as fast (benchmarks/RESULTS.md,
-# "Transformers builder", capture_sweep.py). A GPU runs the whole batch at once.
+# forward (with whole 8192-token batches it sat at 0% for over a minute). On a quiet 2-core machine 2048-token
+# forwards of the 135M teacher cost the same per token as 8192-token ones (benchmarks/RESULTS.md, "Transformers
+# builder", capture_sweep.py; an earlier run on a machine shared with other jobs had found them half as fast).
+# A GPU runs the whole batch at once.
 CPU_FORWARD_TOKENS = 2048
 
 
