@@ -36,6 +36,7 @@ from cache_builder.settings import BuildSettings, VllmOptions
 from cache_builder.teacher import Teacher
 from formats.errors import KdError
 from formats.manifest import ShardEntry
+from formats.store import storage_environment
 from formats.writer import write_shard
 
 IN_FLIGHT = 2  # calls per replica at once: one uses the teacher while the other writes its shard or waits
@@ -132,8 +133,11 @@ class RayReplicas:
             print(f"kdcache build: {s.ray_replicas} replicas need {need_cpus} CPUs and {need_gpus} GPUs; the cluster "
                   f"has {have.get('CPU', 0):g} and {have.get('GPU', 0):g} now, so some wait for nodes to join",
                   file=sys.stderr)
+        # A cluster's nodes did not start from this process: its storage options travel with the actors.
+        env = storage_environment()
         actor = ray.remote(TeacherReplica).options(num_cpus=s.ray_cpus, num_gpus=gpus, max_restarts=-1,
-                                                   max_task_retries=TASK_RETRIES, max_concurrency=IN_FLIGHT)
+                                                   max_task_retries=TASK_RETRIES, max_concurrency=IN_FLIGHT,
+                                                   runtime_env={"env_vars": env} if env else None)
         self.actors = [actor.remote(make_teacher, spec, s.out, s.format, s.ray_cpus) for _ in range(s.ray_replicas)]
         self.inflight: dict = {}  # ObjectRef -> (work without its sequences, actor index)
         self.load = [0] * len(self.actors)

@@ -80,6 +80,14 @@ def storage_options() -> dict:
     return value
 
 
+def storage_environment() -> dict[str, str]:
+    """The variables that carry this process's storage settings to processes that do not inherit its environment
+    (the replicas of a Ray build on a cluster started elsewhere): $KDCACHE_STORAGE_OPTIONS and fsspec's own
+    FSSPEC_* configuration. Credentials in the store client's own variables (AWS_*, GOOGLE_*) are not among them:
+    each node reaches the store with its own."""
+    return {k: v for k, v in os.environ.items() if k == OPTIONS_ENV or k.startswith("FSSPEC_")}
+
+
 def protocol_of(url: str) -> str:
     """'s3' for s3://b/c, 'file' for a local path."""
     m = _SCHEME.match(url)

@@ -3,6 +3,7 @@ teacher with its tokenizer. No test may reach the network."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -39,3 +40,16 @@ def tokenizer(teacher_dir: Path):
 def tiny_teacher(tmp_path_factory, teacher_dir: Path) -> Path:
     """2 layers, hidden 128, SmolLM2 tokenizer, 64 padded output rows past the vocabulary."""
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher", teacher_dir)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """moto's standalone S3 server on 127.0.0.1 (a free port), one for the session, stopped at its end."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,9 @@ from cache_builder.merge import merge_parts
 from cache_builder.settings import BuildSettings
 from formats.manifest import MANIFEST_NAME
 from formats.reader import open_cache
+from formats.store import OPTIONS_ENV
 from formats.verify import verify_cache
+from tests.formats.remote import s3_options
 
 # The `ray` extra (`make install` installs it). Not imported here: Ray reads RAY_ENV when it is first imported.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
@@ -40,7 +43,12 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": 
 def cluster(tmp_path_factory):
     """A head node and a second node on 127.0.0.1, 2 CPUs each; yields its address."""
     temp = tmp_path_factory.mktemp("ray")
-    saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_TMPDIR")}
+    # The nodes start without this process's storage settings, as a remote cluster's do: a replica has only what
+    # the build hands it.
+    storage = [k for k in os.environ if k == OPTIONS_ENV or k.startswith("FSSPEC_")]
+    saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_TMPDIR", *storage)}
+    for k in storage:
+        del os.environ[k]
     os.environ.update(RAY_ENV, RAY_TMPDIR=str(temp))
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -50,6 +58,8 @@ def cluster(tmp_path_factory):
                                                       "node_ip_address": "127.0.0.1"})
     try:
         c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+        for k in storage:
+            os.environ[k] = saved[k]
         yield c.address
     finally:
         c.shutdown()
@@ -158,6 +168,21 @@ def build_cmd(teacher: Path, corpus: Path, out: Path, address: str, *extra: str)
             "--sample-draws", "8", "--heldout-fraction", "0.25", "--packing", "--txt-split", "lines", "--hidden-layers=-1",
             "--no-progress",
             "--ray", address, "--ray-replicas", "2", *extra]
+
+
+def test_replicas_writing_to_s3_get_the_storage_options_of_the_build_not_of_the_cluster(
+        cluster, tiny_teacher, corpus, local, moto_endpoint, monkeypatch):
+    import s3fs
+
+    options = s3_options(moto_endpoint)
+    bucket = f"kdcache-ray-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    # Given to the driver only, as `--storage-option` does: the cluster's nodes started without it.
+    monkeypatch.setenv(OPTIONS_ENV, json.dumps(options))
+    url = f"s3://{bucket}/c"
+    man = run_build(settings(tiny_teacher, corpus, url, ray=cluster, ray_replicas=2))
+    assert man.complete and shards(url) == local
+    assert verify_cache(url) == []
 
 
 def test_a_killed_driver_is_resumed_by_the_same_command(cluster, tiny_teacher, corpus, local, tmp_path):

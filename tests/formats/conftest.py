@@ -6,7 +6,6 @@ import copy
 import functools
 import http.server
 import json
-import logging
 import shutil
 import threading
 import uuid
@@ -65,19 +64,6 @@ def small_cache(tmp_path: Path, backend: str, _small_cache_template) -> SmallCac
 
 
 # ----------------------------------------------------------------------------- remote stores on loopback
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> str:
-    """moto's standalone S3 server on 127.0.0.1 (a free port), one for the session, stopped at its end."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
 
 @pytest.fixture
 def s3(moto_endpoint, monkeypatch, tmp_path) -> S3:
