@@ -22,7 +22,11 @@ from cache_builder.readers import read_source
 from cache_builder.sources import CorpusFingerprint, resolve_sources
 from cache_builder.tokenization import TokenizerInfo, check_ids, encode_texts
 
-TOKENIZE_BATCH = 256  # documents per tokenizer call: the Rust tokenizer is much faster on batches
+# A tokenizer call takes up to this many documents and characters: the Rust tokenizer is much faster on batches,
+# but its output (Python lists of ids and offsets, ~100 B per token) is held until the batch is consumed, so the
+# characters bound the builder's memory whatever the documents' sizes (256 book-sized documents were gigabytes).
+TOKENIZE_BATCH = 256
+TOKENIZE_BATCH_CHARS = 1 << 18
 
 
 def iter_documents(opts: CorpusOptions, stats: CorpusStats | None = None,
@@ -95,13 +99,15 @@ def _tokenized_documents(opts: CorpusOptions, tokenizer, stats: CorpusStats,
     """Documents tokenized in batches, in order."""
     ctx = TokenizerInfo.of(tokenizer)
     batch: list[tuple[int, str, Document]] = []
+    chars = 0
     for doc_index, doc in enumerate(iter_documents(opts, stats, fingerprint)):
         split = "heldout" if is_heldout(doc, opts.heldout_fraction) else "train"
         stats.heldout_documents += split == "heldout"
         batch.append((doc_index, split, doc))
-        if len(batch) == TOKENIZE_BATCH:
+        chars += len(doc.text or "")
+        if len(batch) == TOKENIZE_BATCH or chars >= TOKENIZE_BATCH_CHARS:
             yield from _tokenize_batch(batch, tokenizer, ctx, stats)
-            batch = []
+            batch, chars = [], 0
     yield from _tokenize_batch(batch, tokenizer, ctx, stats)
 
 

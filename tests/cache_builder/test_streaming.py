@@ -140,3 +140,26 @@ def test_a_chat_record_in_a_file_that_starts_with_text_is_refused_naming_it(tiny
         run_build(settings(tiny_teacher, corpus, tmp_path / "c"))
     assert not (tmp_path / "c" / MANIFEST_NAME).exists()
 
+
+
+def test_large_documents_are_tokenized_a_bounded_number_of_characters_at_a_time(tokenizer, tmp_path, monkeypatch):
+    from cache_builder import corpus as corpus_module
+
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i in range(12):  # "books" of ~30k characters: 256 of them in one call would hold gigabytes
+        (folder / f"book-{i:02d}.txt").write_text(((STDLIB / "textwrap.py").read_text(encoding="utf-8") * 2)[:30000])
+    opts = CorpusOptions(paths=[str(folder)], seq_len=256)  # a .txt file is one document
+
+    def sequences() -> list[tuple]:
+        return [(s.split, s.input_ids.tolist()) for s in corpus_module.tokenize_corpus(opts, tokenizer)]
+
+    calls: list[int] = []
+    encode = corpus_module.encode_texts
+    monkeypatch.setattr(corpus_module, "encode_texts",
+                        lambda texts, *a: calls.append(sum(map(len, texts))) or encode(texts, *a))
+    monkeypatch.setattr(corpus_module, "TOKENIZE_BATCH_CHARS", 100_000)
+    batched = sequences()
+    assert calls == [120_000] * 3  # calls end at the document that reaches the bound
+    monkeypatch.setattr(corpus_module, "TOKENIZE_BATCH", 1)
+    assert batched == sequences()  # the batching changes no token
