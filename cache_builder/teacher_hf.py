@@ -28,6 +28,11 @@ from cache_builder.teacher_folder import check_teacher_folder, describe_folder
 # builder", capture_sweep.py; an earlier run on a machine shared with other jobs had found them half as fast).
 # A GPU runs the whole batch at once.
 CPU_FORWARD_TOKENS = 2048
+# On CPU a forward's width is rounded up to a multiple of this. oneDNN keeps kernels and buffers for every input
+# shape it has seen, so a long bf16 build over documents of every length grew without bound (a bare forward over
+# 400 random widths: 305 MiB of anonymous memory at one width, 1158 MiB at random ones, 381 MiB at multiples of
+# 64); the padding is masked out, and costs at most 63 positions per row.
+CPU_WIDTH_STEP = 64
 
 
 @dataclass
@@ -80,14 +85,20 @@ def load_hf_teacher(path: str, dtype: str = "auto", device: str = "auto", trust_
     return teacher
 
 
+def cpu_width(longest: int) -> int:
+    """The width of a CPU forward whose longest row has `longest` tokens."""
+    return -(-longest // CPU_WIDTH_STEP) * CPU_WIDTH_STEP
+
+
 def forward_groups(batch: list[Job], max_tokens: int | None) -> list[list[Job]]:
-    """Consecutive rows of `batch` whose padded size (rows x longest) stays within `max_tokens` (None: one group)."""
+    """Consecutive rows of `batch` whose padded size (rows x `cpu_width` of the longest) stays within `max_tokens`
+    (None: one group)."""
     if max_tokens is None:
         return [batch]
     groups: list[list[Job]] = []
     for job in batch:
         group = groups[-1] if groups else None
-        if group and max(len(j.ids) for j in group + [job]) * (len(group) + 1) <= max_tokens:
+        if group and cpu_width(max(len(j.ids) for j in group + [job])) * (len(group) + 1) <= max_tokens:
             group.append(job)
         else:
             groups.append([job])
@@ -113,6 +124,8 @@ def forward_records(
     device = teacher.device
     lengths = [len(r) for r in rows]
     width = max(lengths)
+    if device == "cpu":
+        width = cpu_width(width)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for j, r in enumerate(rows):

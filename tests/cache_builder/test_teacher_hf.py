@@ -10,7 +10,7 @@ import numpy as np
 from cache_builder import teacher_hf
 from cache_builder.capture import CaptureSettings
 from cache_builder.teacher import Job
-from cache_builder.teacher_hf import forward_groups, forward_records, load_hf_teacher
+from cache_builder.teacher_hf import cpu_width, forward_groups, forward_records, load_hf_teacher
 
 
 def jobs(lengths: list[int]) -> list[Job]:
@@ -20,14 +20,15 @@ def jobs(lengths: list[int]) -> list[Job]:
 
 
 def test_forward_groups_keep_the_padded_size_within_the_bound_and_the_order():
-    batch = jobs([60, 50, 50, 30, 10, 10, 10])
-    groups = forward_groups(batch, 120)
+    batch = jobs([100, 60, 50, 30, 10, 10, 10])
+    groups = forward_groups(batch, 256)
     assert [j for g in groups for j in g] == batch
-    assert all(max(len(j.ids) for j in g) * len(g) <= 120 for g in groups)
-    assert [len(g) for g in groups] == [2, 2, 3]
+    # Widths are rounded up to CPU_WIDTH_STEP (64): 2 x 128, 4 x 64, then 1 x 64.
+    assert all(cpu_width(max(len(j.ids) for j in g)) * len(g) <= 256 for g in groups)
+    assert [len(g) for g in groups] == [2, 4, 1]
     assert forward_groups(batch, None) == [batch]
     long = jobs([300])
-    assert forward_groups(long, 120) == [long]  # a row longer than the bound runs alone
+    assert forward_groups(long, 256) == [long]  # a row longer than the bound runs alone
 
 
 def test_a_cpu_batch_split_into_forwards_gives_the_records_of_one_forward_and_reports_each_row(
@@ -37,13 +38,14 @@ def test_a_cpu_batch_split_into_forwards_gives_the_records_of_one_forward_and_re
     cs = CaptureSettings(top_k=5, vocab_size=49152, sample_draws=8)
     whole = forward_records(teacher, [j.ids for j in batch], [j.seed for j in batch], cs, [1], "BF16",
                             [j.next_id for j in batch])
-    monkeypatch.setattr(teacher_hf, "CPU_FORWARD_TOKENS", 64)
+    monkeypatch.setattr(teacher_hf, "CPU_FORWARD_TOKENS", 128)
     calls = []
     model = teacher.model
     monkeypatch.setattr(teacher, "model", lambda **kw: calls.append(kw["input_ids"].shape) or model(**kw))
     reported = []
     split = teacher.run(batch, cs, [1], "BF16", progress=reported.append)
-    assert [tuple(c) for c in calls] == [(1, 40), (1, 33), (3, 20)]  # 20 + 20 + 7 padded to 3 x 20 <= 64
+    # Widths rounded up to CPU_WIDTH_STEP (64): 40 + 33 and 20 + 20 padded to 2 x 64 <= 128, then 7 alone.
+    assert [tuple(c) for c in calls] == [(2, 64), (2, 64), (1, 64)]
     assert reported == [len(j.ids) for j in batch]
     for a, b in zip(split, whole):
         assert a.keys() == b.keys()
