@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-from results import processor, update_results  # noqa: E402
+from results import processor, update_subsection  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray on loopback only (its address resolution otherwise prefers the machine's network address), no usage reports.
@@ -164,7 +164,7 @@ def capacity_plan(figures: dict, driver_tok_s: float) -> str:
         bound = PREFILL_MFU * H100_BF16_FLOPS / (2 * m["params"])
         source, published = PUBLISHED[name]
         for label, per_gpu in (("compute bound", bound), ("published generation rate", published)):
-            rate = PLAN_GPUS * per_gpu * overhead
+            rate = PLAN_GPUS * per_gpu * min(overhead, 1.0)
             rows.append(f"| {name} | {PLAN_GPUS // m['gpus_per_replica']} x TP {m['gpus_per_replica']} | {label} | "
                         f"{per_gpu:,.0f} | {rate / 1e6:.2f} M | {PLAN_TOKENS / rate / 3600:.1f} h | "
                         f"{PLAN_TOKENS / min(rate, driver_tok_s) / 3600:.1f} h |")
@@ -173,9 +173,9 @@ GPU, two figures: the compute bound of a prefill ({PREFILL_MFU:.0%} of {H100_BF1
 an assumed utilization; 2 x parameters FLOPs per token, the LM head over every position included) and published
 vLLM rates, which are generation rates (the only vLLM figures found for these models: {PUBLISHED['8B'][0]};
 {PUBLISHED['70B'][0]}), so a floor for a prefill-only build. Both are multiplied by this run's Ray overhead
-({overhead:.2f}). This run's scaling efficiency ({figures['ray_scaling_efficiency']:.2f}) is not applied: two one-thread
-replicas, the driver (tokenizer thread, publishing), Ray's own processes and other jobs (load above) shared two
-cores, so the second replica had no core of its own; on GPU nodes each replica has its GPU and CPU share.
+({overhead:.2f}; a figure above 1 counts as 1). This run's scaling efficiency ({figures['ray_scaling_efficiency']:.2f}) is
+not applied: it measures two one-thread replicas sharing two cores with the driver (tokenizer thread, publishing)
+and Ray's own processes; on GPU nodes each replica has its GPU and its CPU share.
 
 | teacher | replicas | per-GPU rate from | tok/s per GPU | cluster tok/s | 10^10 tokens | with this driver |
 |---|---|---|---|---|---|---|
@@ -326,10 +326,12 @@ def write_results(args, rss, med, startup, executors, figures, load, driver: flo
             ("ray_scaling_efficiency", figures["ray_scaling_efficiency"]),
             ("ray_overhead", figures["ray_overhead"])]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    update_results("Builder at scale", f"""Command: `{cmd.strip()}`  
+    update_subsection("Builder at scale", f"""### {processor()}
+
+Command: `{cmd.strip()}`  
 Machine: {processor()}, {platform.machine()}, torch {torch.__version__}, ray {_ray_version()}; load
-average {load[0]:.1f} before and {load[1]:.1f} after (other jobs shared the two cores: the rates are lower bounds, the
-ratios are what to read).
+average {load[0]:.1f} before and {load[1]:.1f} after (where it is well above the two cores, other jobs shared them:
+then the rates are lower bounds, and the ratios are what to read).
 
 | figure | value |
 |---|---|
