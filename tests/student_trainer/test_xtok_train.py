@@ -120,3 +120,20 @@ def test_a_cache_whose_teacher_folder_is_gone_needs_the_teacher_tokenizer_flag(x
 def test_eval_refuses_a_student_with_another_tokenizer_on_a_cache_without_offsets(tiny_cache, bpe_student):
     with pytest.raises(TrainError, match=r"only a cache built with --byte-offsets can evaluate a student with another"):
         evaluate(str(bpe_student), tiny_cache, "heldout", device="cpu")
+
+
+def test_in_training_evaluation_of_a_cross_tokenizer_run_equals_eval_of_its_final_student(xtok_cache, bpe_student,
+                                                                                        tmp_path):
+    train(settings(xtok_cache, tmp_path / "run", student=str(bpe_student), kd_kind="byte_align", alpha=0.5, steps=4,
+                   eval_every=2, eval_split="heldout"))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [m for m in lines if "eval_bpb" in m]
+    assert [m["step"] for m in evaluated] == [2, 4]
+    assert evaluated[0]["eval_bpb"] != evaluated[1]["eval_bpb"]  # the student moved between the two
+    final = evaluate(str(tmp_path / "run" / "final"), xtok_cache, "heldout", batch_size=4, device="cpu")
+    last = evaluated[-1]
+    # The same student on the same positions, in bits per byte of the same stored bytes; only the batch order of
+    # the float32 sums differs.
+    assert math.isclose(last["eval_bpb"], final["bpb"], rel_tol=1e-6)
+    assert math.isclose(last["eval_aligned_fraction"], final["aligned_fraction"], rel_tol=1e-9)
+    assert last["eval_kl_to_teacher"] is None
