@@ -28,11 +28,12 @@ from cache_builder.teacher_folder import check_teacher_folder, describe_folder
 # builder", capture_sweep.py; an earlier run on a machine shared with other jobs had found them half as fast).
 # A GPU runs the whole batch at once.
 CPU_FORWARD_TOKENS = 2048
-# On CPU a forward's width is rounded up to a multiple of this. oneDNN keeps kernels and buffers for every input
-# shape it has seen, so a long bf16 build over documents of every length grew without bound (a bare forward over
-# 400 random widths: 305 MiB of anonymous memory at one width, 1158 MiB at random ones, 381 MiB at multiples of
-# 64); the padding is masked out, and costs at most 63 positions per row.
-CPU_WIDTH_STEP = 64
+# On CPU a forward's width is rounded up to one of a few sizes: eight per octave (steps of 2^(bits - 4), at least
+# CPU_WIDTH_STEP), so padding adds at most an eighth to rows of 128 tokens or more. oneDNN keeps kernels and buffers for every input shape it has
+# seen, so a long bf16 build over documents of every length grew without bound (a bare forward over 400 random
+# widths: 305 MiB of anonymous memory at one width, 1158 MiB at random ones, 463 MiB rounded as here); the
+# padding is masked out.
+CPU_WIDTH_STEP = 16
 
 
 @dataclass
@@ -86,8 +87,9 @@ def load_hf_teacher(path: str, dtype: str = "auto", device: str = "auto", trust_
 
 
 def cpu_width(longest: int) -> int:
-    """The width of a CPU forward whose longest row has `longest` tokens."""
-    return -(-longest // CPU_WIDTH_STEP) * CPU_WIDTH_STEP
+    """The width of a CPU forward whose longest row has `longest` tokens: 100 -> 112, 512 -> 512, 513 -> 576."""
+    step = max(CPU_WIDTH_STEP, 1 << max(0, longest.bit_length() - 4))
+    return -(-longest // step) * step
 
 
 def forward_groups(batch: list[Job], max_tokens: int | None) -> list[list[Job]]:

@@ -23,7 +23,7 @@ def test_forward_groups_keep_the_padded_size_within_the_bound_and_the_order():
     batch = jobs([100, 60, 50, 30, 10, 10, 10])
     groups = forward_groups(batch, 256)
     assert [j for g in groups for j in g] == batch
-    # Widths are rounded up to CPU_WIDTH_STEP (64): 2 x 128, 4 x 64, then 1 x 64.
+    # Widths are rounded up (cpu_width): 2 x 112, 4 x 64, then 1 x 16.
     assert all(cpu_width(max(len(j.ids) for j in g)) * len(g) <= 256 for g in groups)
     assert [len(g) for g in groups] == [2, 4, 1]
     assert forward_groups(batch, None) == [batch]
@@ -44,8 +44,8 @@ def test_a_cpu_batch_split_into_forwards_gives_the_records_of_one_forward_and_re
     monkeypatch.setattr(teacher, "model", lambda **kw: calls.append(kw["input_ids"].shape) or model(**kw))
     reported = []
     split = teacher.run(batch, cs, [1], "BF16", progress=reported.append)
-    # Widths rounded up to CPU_WIDTH_STEP (64): 40 + 33 and 20 + 20 padded to 2 x 64 <= 128, then 7 alone.
-    assert [tuple(c) for c in calls] == [(2, 64), (2, 64), (1, 64)]
+    # Widths rounded up (cpu_width): 40 + 33 padded to 2 x 48, then 20 + 20 + 7 to 3 x 32, each <= 128.
+    assert [tuple(c) for c in calls] == [(2, 48), (3, 32)]
     assert reported == [len(j.ids) for j in batch]
     for a, b in zip(split, whole):
         assert a.keys() == b.keys()
