@@ -110,7 +110,8 @@ def top_k(x: torch.Tensor, k: int, block: int = 64, sub: int = 8) -> tuple[torch
     else:
         cand = grid[rows, best]  # (n, k, block)
     cand = cand.reshape(n * per, sub)  # the k blocks' sub-blocks
-    _, best_sub = cand.view(n, per, sub).amax(dim=2).topk(k, dim=1, sorted=False)  # (n, k) the sub-blocks with the largest maxima
+    # (n, k) the sub-blocks with the largest maxima
+    _, best_sub = cand.view(n, per, sub).amax(dim=2).topk(k, dim=1, sorted=False)
     cand = cand.index_select(0, (best_sub + rows * per).flatten()).view(n, k * sub)
     if whole < vocab:  # the ids past the last whole block are always candidates
         cand = torch.cat([cand, x[:, whole:]], dim=1)

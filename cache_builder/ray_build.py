@@ -8,14 +8,14 @@ finished cache are those of a local build, shard for shard (content checksums in
 numerics: on CPU the same threads per teacher, `--ray-cpus`, as a CPU matmul's sums depend on its thread count).
 
 Ray Core actors rather than Ray Data (`map_batches` over an actor pool), measured with the same replica code over
-the same groups (benchmarks/RESULTS.md, 'Builder at scale'): neither is faster everywhere (Ray Data 13% ahead on
-a loaded Xeon, Ray Core 14% ahead on a quiet AMD EPYC), so the choice follows what the build needs: a stream of
-groups made in the driver (Ray Data wants a datasource it reads in its own tasks), at most two groups in flight per replica (memory), each shard
-published by the driver in order, and a failed shard named by its path and error (Ray Data fails the whole
-dataset, `max_errored_blocks = 0`). Faults: a replica whose process dies is restarted by Ray (`max_restarts`, the
-teacher reloaded) and its unfinished calls run again (`max_task_retries`); a shard is written under a temporary
-name and renamed, so a redone shard replaces nothing half-written, and the driver removes what killed writers left
-before it finishes the cache.
+the same groups (benchmarks/RESULTS.md, 'Builder at scale'): neither is faster everywhere (Ray Data 13% ahead on a
+loaded Xeon, Ray Core 14% ahead on a quiet AMD EPYC), so the choice follows what the build needs: a stream of
+groups made in the driver (Ray Data wants a datasource it reads in its own tasks), at most two groups in flight per
+replica (memory), each shard published by the driver in order, and a failed shard named by its path and error (Ray
+Data fails the whole dataset, `max_errored_blocks = 0`). Faults: a replica whose process dies is restarted by Ray
+(`max_restarts`, the teacher reloaded) and its unfinished calls run again (`max_task_retries`); a shard is written
+under a temporary name and renamed, so a redone shard replaces nothing half-written, and the driver removes what
+killed writers left before it finishes the cache.
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ from cache_builder.teacher_folder import check_teacher_folder, describe_folder
 # A GPU runs the whole batch at once.
 CPU_FORWARD_TOKENS = 2048
 # On CPU a forward's width is rounded up to one of a few sizes: eight per octave (steps of 2^(bits - 4), at least
-# CPU_WIDTH_STEP), so padding adds at most an eighth to rows of 128 tokens or more. oneDNN keeps kernels and buffers for every input shape it has
-# seen, so a long bf16 build over documents of every length grew without bound (a bare forward over 400 random
-# widths: 305 MiB of anonymous memory at one width, 1158 MiB at random ones, 463 MiB rounded as here); the
-# padding is masked out.
+# CPU_WIDTH_STEP), so padding adds at most an eighth to rows of 128 tokens or more. oneDNN keeps kernels and
+# buffers for every input shape it has seen, so a long bf16 build over documents of every length grew without
+# bound (a bare forward over 400 random widths: 305 MiB of anonymous memory at one width, 1158 MiB at random ones,
+# 463 MiB rounded as here); the padding is masked out.
 CPU_WIDTH_STEP = 16
 
 
