@@ -157,7 +157,7 @@ PLAN_TOKENS, PLAN_GPUS = 1e10, 64  # 10^10 tokens on 8 nodes x 8 GPUs
 
 def capacity_plan(figures: dict, driver_tok_s: float) -> str:
     """Wall time for PLAN_TOKENS on PLAN_GPUS H100s, from the compute bound and from the published rates, each
-    scaled by this run's Ray overhead, and again where the driver's own rate is lower."""
+    scaled by this run's Ray overhead (at most 1), and again where the driver's own rate is lower."""
     overhead = figures["ray_overhead"]
     rows = []
     for name, m in PLAN.items():
