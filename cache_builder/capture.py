@@ -29,9 +29,11 @@ from cache_builder.dtypes import torch_dtype
 # Float32 bytes of the rows one CPU thread reduces at a time (at most row_chunk rows): the buffer is reused across
 # chunks, so no call allocates (and page-faults) a fresh (n, V) block, and each torch call gets enough rows to be
 # worth its overhead and its threads' start. Of 2 to 128 MiB, 8 and 12 MiB (85 and 128 rows of V = 49152 on 2
-# threads) ran fastest, within 5% of each other, and 32 MiB or more about 1.5x slower (benchmarks/RESULTS.md,
-# "Transformers builder", capture_sweep.py).
-CPU_CHUNK_BYTES = 12 << 20
+# threads) ran fastest in three sweeps on an AMD EPYC, within 5% of each other (each the faster in some), and 32 MiB
+# or more 1.1-1.6x slower. On a quiet Xeon an older reduction gave the builder a capture/forward ratio of 0.885 at
+# 4 MiB and 0.785 at 32 MiB, hence the smaller of the two (benchmarks/RESULTS.md, "Transformers builder",
+# capture_sweep.py and builder_hf.py).
+CPU_CHUNK_BYTES = 8 << 20
 # The reduction works on p = exp(x - m) / s, where s <= V: a probability below float32's smallest normal (~1.2e-38)
 # loses precision and below ~1.4e-45 vanishes, so relative to the top one (exp(0) = 1) terms below 1.2e-38 * V may be
 # lost, at most V of them: 1.2e-38 * V^2, under 1.2e-26 for V up to 10^6. A tail below this (relative to the top
@@ -168,11 +170,14 @@ def capture_rows(
         target[start:end] = e.gather(1, nxt[start:end])[:, 0] - m[start:end]
         # p = exp(x - m) / s in one fused kernel per row (max, exp and sum while the row is in cache), in place
         softmax_(e)
-        p_max = e.gather(1, ids[start:end, :1])[:, 0] if k else e.amax(dim=1)  # exp(0) / s = 1 / s
+        if k:  # p of the top k, the largest first: exp(0) / s = 1 / s
+            p_top = e.gather(1, ids[start:end])
+            p_max, inside = p_top[:, 0], p_top.sum(dim=1)
+        else:
+            p_max = e.amax(dim=1)
         if cs.sample_draws:
             samples.append(draw_samples(e, cs.sample_draws, cs.slots, generator))
         if k:
-            inside = e.gather(1, ids[start:end]).sum(dim=1)  # (n,)
             e.scatter_(1, ids[start:end], 0.0)
             tail_p = e.sum(dim=1)  # the mass outside the top k, summed directly
             # In units of exp(x - m): s = tail + top k, two positive parts, no cancellation.
