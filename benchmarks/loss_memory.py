@@ -14,9 +14,10 @@ The script checks that the chunked variant is as accurate as the naive one: a th
 naive loss and gradients in float64 from the same inputs, and each variant's loss, grad hidden and grad W are
 compared with it (max |error| over the tensor's max |value|). Both float32 variants must be within 2 sqrt(V)
 float32 epsilons of it (9.3e-5 at V = 152064), twice the typical rounding of a float32 sum of V terms, which grad
-hidden is; bf16 inputs within 2e-2. The script exits 1 otherwise. The naive variant's single large matmul is
-usually the more accurate: the chunked one's matmuls of a few rows are MKL calls that, for some row counts (1, 2, 6,
-not 4, 8 or 16), sum over V with about 10x the error (1e-5 of the scale at V = 152064) whatever the blocking.
+hidden is; bf16 inputs within 2e-2. The script exits 1 otherwise. On a 2-core AMD EPYC the chunked variant is the
+less accurate one: MKL's float32 matmuls there, for some row counts (1, 2, 6; not 4, 8 or 16), sum over V with about
+10x the error of larger ones (1e-5 of the scale at V = 152064, whatever the blocking), and the memory-first chunks
+are 6 and 3 tokens; on a Xeon the two variants agreed to 2e-7 (benchmarks/RESULTS.md, "Loss memory").
 
 How peak memory is measured: each variant runs in a fresh subprocess, so neither the other variant's buffers
 nor the allocator's cache can blur the figure. A tiny warm-up call first loads the kernels; then the inputs are
