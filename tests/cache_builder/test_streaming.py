@@ -141,7 +141,6 @@ def test_a_chat_record_in_a_file_that_starts_with_text_is_refused_naming_it(tiny
     assert not (tmp_path / "c" / MANIFEST_NAME).exists()
 
 
-
 def test_large_documents_are_tokenized_a_bounded_number_of_characters_at_a_time(tokenizer, tmp_path, monkeypatch):
     from cache_builder import corpus as corpus_module
 
