@@ -79,7 +79,6 @@ def main() -> int:
     load_before = f"{os.getloadavg()[0]:.1f}"
 
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
 
     from cache_builder.build import resolve_teacher_path
     from cache_builder.capture import CaptureSettings
@@ -102,6 +101,8 @@ def main() -> int:
     start_s = time.perf_counter() - t0
     cs = CaptureSettings(top_k=args.top_k, vocab_size=len(tokenizer))
     capture = HookCapture(llm)
+    from vllm import SamplingParams  # after start_engine, which sends vLLM's log to stderr before vLLM loads
+
     plain = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
     def run_prefill(jobs):

@@ -209,6 +209,9 @@ def start_engine(path: str, settings: BuildSettings, opts: VllmOptions, *, eager
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     # vLLM logs ~100 INFO lines while it starts; a failure's cause (ERROR) stays visible. Set it to INFO to see all.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM logs to stdout by default; a script's stdout is its results (a benchmark's last line is its JSON), and the
+    # engine's shutdown warnings come after them. Read when vLLM is first imported: import it after this call.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from vllm import LLM  # vLLM is an optional extra, and slow to import
 
     try:
